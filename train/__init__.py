@@ -1,0 +1,1 @@
+"""quickstep.train: TrigFlow teachers and consistency students."""
