@@ -25,9 +25,10 @@ $(VENV)/.installed-serve: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.installed-serve
 install-dev: $(VENV)/.installed-dev
 
+# ruff over the whole tree; import-linter through a symlink tree that mirrors the package-dir mapping
 lint: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/lint-imports
+	$(BIN)/python .ci/lint_imports.py
 
 pytest: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

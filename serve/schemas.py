@@ -31,6 +31,7 @@ class ImageOut(BaseModel):
     index: int
     b64: str
     mime: str
+    class_label: int | None = Field(None, description="Class the image was generated for (conditional models).")
 
 
 class GenerateResponse(BaseModel):

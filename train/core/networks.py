@@ -105,12 +105,17 @@ class PositionalEmbedding(nn.Module):
         super().__init__()
         half = num_channels // 2
         freqs = (1.0 / max_positions) ** (torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.register_buffer("freqs", freqs, persistent=False)  # follows the module's dtype/device
         self.scale = scale
+        self.max_positions = max_positions
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        x = (t.to(self.freqs.dtype) * self.scale)[:, None] * self.freqs[None, :]  # [B, C/2]
-        return torch.cat([torch.cos(x), torch.sin(x)], dim=1)
+        # computed in >= float32 even in a bfloat16/float16 module: t * scale * freq needs the precision
+        dt = torch.promote_types(self.freqs.dtype, torch.float32)
+        half = self.freqs.shape[0]
+        freqs = (1.0 / self.max_positions) ** (torch.arange(half, dtype=dt, device=self.freqs.device) / half)
+        x = (t.to(dt) * self.scale)[:, None] * freqs[None, :]  # [B, C/2]
+        return torch.cat([torch.cos(x), torch.sin(x)], dim=1).to(self.freqs.dtype)
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

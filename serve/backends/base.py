@@ -1,0 +1,84 @@
+"""The backend interface: one bundle, one device; `run(steps, noises, labels) -> uint8 NHWC images`."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..settings import ServeSettings
+
+
+class BackendError(RuntimeError):
+    """A backend could not be created or failed to run (the message names the cause and the fix)."""
+
+
+class Backend(ABC):
+    """Runs a bundle's whole-sampler graphs: standard-normal noise in, uint8 [B, H, W, C] images out."""
+
+    name: str = "base"
+
+    def __init__(self, bundle: Bundle, settings: ServeSettings):
+        self.bundle = bundle
+        self.settings = settings
+        self.device = "cpu"
+
+    @abstractmethod
+    def load(self) -> None:
+        """Create sessions / engines / modules for every supported step count (may be slow)."""
+
+    @abstractmethod
+    def run(self, steps: int, noises: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
+        """noises: [B, C, H, W] float32 each (noise, noise2, ...); labels: [B] int64 or None -> [B, H, W, C] uint8."""
+
+    def describe(self) -> str:
+        """Backend name with the execution provider/device actually in use."""
+        return f"{self.name} ({self.device})"
+
+    def warmup(self) -> None:
+        """Run every step count at batch 1 and max_batch so first requests do not pay allocation costs."""
+        c, h, w = self.bundle.image_shape
+        for steps in self.bundle.steps_supported:
+            g = self.bundle.graphs[steps]
+            for b in sorted({1, self.settings.max_batch}):
+                noises = [np.zeros((b, c, h, w), np.float32) for _ in g.noise_inputs]
+                labels = np.zeros((b,), np.int64) if g.has_labels else None
+                self.run(steps, noises, labels)
+        if self.settings.warmup_delay_s:
+            time.sleep(self.settings.warmup_delay_s)
+
+    def close(self) -> None:
+        """Release sessions/engines (nothing to release by default)."""
+        return None
+
+
+def want_cuda(settings: ServeSettings, cuda_available: bool) -> bool:
+    """device=cuda requires CUDA; auto uses it when present."""
+    if settings.device == "cuda" and not cuda_available:
+        raise BackendError("device 'cuda' was requested but CUDA is not available to this backend; "
+                           "use --device cpu (or auto)")
+    return settings.device == "cuda" or (settings.device == "auto" and cuda_available)
+
+
+def create_backend(bundle: Bundle, settings: ServeSettings) -> Backend:
+    """The backend named by settings.backend for `bundle` (heavy imports happen inside load())."""
+    name = settings.backend
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, settings)
+    if name == "torch":
+        from .torch import TorchBackend
+
+        return TorchBackend(bundle, settings)
+    if name == "aoti":
+        from .aoti import AotiBackend
+
+        return AotiBackend(bundle, settings)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, settings)
+    raise BackendError(f"unknown backend {name!r}; choose onnxruntime, tensorrt, torch or aoti")

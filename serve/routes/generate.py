@@ -1,0 +1,60 @@
+"""POST /v1/generate: parse -> service -> JSON (or the raw image with `Accept: image/<fmt>` and n = 1)."""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import Response
+
+from ..errors import InvalidRequest
+from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, ImageOut
+from ..service import MIME, GenerationService
+
+router = APIRouter(tags=["generate"])
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503, 504)}
+_RAW = {v: k for k, v in MIME.items()}
+
+
+def raw_format(accept: str | None) -> str | None:
+    """The image format a client asked for in Accept (image/png|jpeg|webp), None for JSON."""
+    if not accept:
+        return None
+    for part in accept.split(","):
+        mime = part.split(";")[0].strip().lower()
+        if mime == "application/json":
+            return None
+        if mime in _RAW:
+            return _RAW[mime]
+    return None
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses={
+    **_ERRORS, 200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+                     "description": "JSON, or the raw image when Accept is image/png|jpeg|webp and n = 1"}})
+async def generate(body: GenerateRequest, request: Request, accept: str | None = Header(None),
+                   x_timeout_ms: float | None = Header(None, gt=0, description="Per-request deadline (ms), "
+                                                       "capped by the server's timeout")) -> Response:
+    """Generate `n` images; the seed used is always returned (drawn at random when omitted)."""
+    service: GenerationService = request.app.state.service
+    fmt = raw_format(accept)
+    if fmt is not None:
+        if body.n != 1:
+            raise InvalidRequest(f"n: a raw image response (Accept: {MIME[fmt]}) holds one image; got n={body.n}. "
+                                 "Ask for application/json to get several")
+        body = body.model_copy(update={"format": fmt})
+    res = await service.generate(body, timeout_s=None if x_timeout_ms is None else x_timeout_ms / 1000.0,
+                                 disconnected=request.is_disconnected)
+    if fmt is not None:
+        headers = {"X-Seed": str(res.seed), "X-Model": res.model, "X-Steps": str(res.steps),
+                   "X-Latency-Ms": f"{res.latency_ms:.3f}"}
+        if res.class_labels is not None:
+            headers["X-Class-Label"] = str(res.class_labels[0])
+        return Response(res.encoded[0], media_type=res.mime, headers=headers)
+    out = GenerateResponse(
+        model=res.model, steps=res.steps, seed=res.seed, latency_ms=round(res.latency_ms, 3),
+        images=[ImageOut(index=i, b64=base64.b64encode(data).decode("ascii"), mime=res.mime,
+                         class_label=None if res.class_labels is None else res.class_labels[i])
+                for i, data in enumerate(res.encoded)])
+    return Response(out.model_dump_json(), media_type="application/json")

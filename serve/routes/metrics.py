@@ -1,0 +1,19 @@
+"""GET /metrics: the app's own Prometheus registry in the text exposition format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (requests by route/status, latency and batch-size histograms, queue depth, runs)."""
+    service = request.app.state.service
+    m = request.app.state.metrics
+    for name, rt in service.models.items():
+        m.queue_depth.labels(name).set(rt.batcher.depth if rt.batcher is not None else 0)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,97 @@
+"""The Gradio demo mounted at /ui: model picker, steps, seed (+ randomise), class label, count, a result grid and
+the measured latency.  Callbacks call the GenerationService in-process (no HTTP hop)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import FastAPI
+
+from .errors import ServeError
+from .schemas import MAX_SEED, GenerateRequest
+from .service import GenerationService, upscale_nearest
+
+UI_PATH = "/ui"
+DISPLAY_PX = 128
+RANDOM_CLASS = "random"
+INT32_MAX = 2**31 - 1
+
+
+def _import_gradio() -> Any:
+    try:
+        import gradio as gr
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("the web demo needs gradio: pip install 'quickstep[serve]' (or run with --no-ui)") from e
+    return gr
+
+
+def _class_choices(num_classes: int) -> list[str]:
+    return [RANDOM_CLASS] + [str(i) for i in range(num_classes)]
+
+
+def build_ui(service: GenerationService) -> Any:
+    """gr.Blocks whose `generate` event (api_name='generate') returns (images, seed, latency text)."""
+    gr = _import_gradio()
+    names = list(service.models)
+    first = service.resolve(None).bundle
+
+    async def generate(model: str, steps: str, seed: float | None, randomize: bool, class_label: str,
+                       n: float) -> tuple[list[Any], int, str]:
+        """Run one request through the service; errors become gr.Error with the service's message."""
+        from PIL import Image
+
+        use_seed = secrets.randbelow(INT32_MAX + 1) if randomize or seed is None else int(seed)
+        label = None if class_label in (None, "", RANDOM_CLASS) else int(class_label)
+        try:
+            req = GenerateRequest(model=model, n=int(n), steps=int(steps), seed=max(0, min(use_seed, MAX_SEED)),
+                                  class_label=label)
+            res = await service.generate(req)
+        except ServeError as e:
+            raise gr.Error(e.message) from e
+        except ValueError as e:  # pydantic validation of the UI's own inputs
+            raise gr.Error(str(e)) from e
+        h = res.images.shape[1]
+        up = upscale_nearest(res.images, max(1, DISPLAY_PX // max(1, h)))
+        imgs = [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in up]
+        caption = [f"class {c}" for c in res.class_labels] if res.class_labels else [None] * len(imgs)
+        gallery = [(im, c) if c else im for im, c in zip(imgs, caption, strict=True)]
+        text = f"{res.latency_ms:.1f} ms for {len(imgs)} image(s), {res.steps} step(s), model {res.model}"
+        return gallery, res.seed, text
+
+    def on_model(model: str) -> tuple[Any, Any]:
+        b = service.resolve(model).bundle
+        return (gr.Dropdown(choices=[str(s) for s in b.steps_supported], value=str(b.default_steps)),
+                gr.Dropdown(choices=_class_choices(b.num_classes), value=RANDOM_CLASS,
+                            interactive=b.num_classes > 0))
+
+    with gr.Blocks(title="Quickstep") as demo:
+        gr.Markdown("# Quickstep\n1-2 step consistency generators, served by the same micro-batched service as "
+                    "`POST /v1/generate`.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(choices=names, value=first.name, label="Model")
+                steps = gr.Dropdown(choices=[str(s) for s in first.steps_supported], value=str(first.default_steps),
+                                    label="Steps")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    randomize = gr.Checkbox(value=True, label="Randomise seed")
+                class_label = gr.Dropdown(choices=_class_choices(first.num_classes), value=RANDOM_CLASS,
+                                          label="Class label", interactive=first.num_classes > 0)
+                n = gr.Slider(1, service.max_n(), value=min(4, service.max_n()), step=1, label="Number of images")
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Result", columns=4, format="png", height="auto")
+                latency = gr.Textbox(label="Latency", interactive=False)
+        model.change(on_model, inputs=[model], outputs=[steps, class_label], api_name=False)
+        button.click(generate, inputs=[model, steps, seed, randomize, class_label, n],
+                     outputs=[gallery, seed, latency], api_name="generate")
+    demo.queue(default_concurrency_limit=None, max_size=service.settings.max_queue)
+    return demo
+
+
+def mount_ui(app: FastAPI, service: GenerationService) -> FastAPI:
+    """Mount the demo at /ui (gr.mount_gradio_app; its queue starts inside the app's lifespan)."""
+    gr = _import_gradio()
+    return gr.mount_gradio_app(app, build_ui(service), path=UI_PATH, footer_links=["api"], run_history=False,
+                               ssr_mode=False)

@@ -1,0 +1,76 @@
+"""Parameters and CPU forward latency of the UNet presets (not collected by pytest: bench_*.py).
+
+Run: .venv/bin/python tests/benchmarks/bench_networks.py [--repeats 10] [--threads N] [--jvp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from quickstep.train.core import ModelConfig, UNetConfig, build_model
+
+PRESETS: dict[str, ModelConfig] = {
+    "digits-small": ModelConfig(UNetConfig(img_channels=1, img_resolution=16, model_channels=32, channel_mult=(1, 2),
+                                           num_blocks=1, attn_resolutions=(8,), num_classes=10)),
+    "digits-medium": ModelConfig(UNetConfig(img_channels=1, img_resolution=16, model_channels=64,
+                                            channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,),
+                                            num_classes=10)),
+}
+
+
+def time_call(fn, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds, after two warm-up calls."""
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def forward_ms(model, cfg: ModelConfig, batch: int, repeats: int, g: torch.Generator) -> float:
+    x = torch.randn(batch, *cfg.sample_shape, generator=g)
+    t = torch.full((batch,), 1.0)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    with torch.no_grad():
+        return time_call(lambda: model(x, t, y), repeats)
+
+
+def jvp_ms(model, cfg: ModelConfig, batch: int, repeats: int, g: torch.Generator) -> float:
+    x, t = torch.randn(batch, *cfg.sample_shape, generator=g), torch.full((batch,), 1.0)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    tangents = (torch.ones_like(x), torch.ones_like(t))
+    with torch.no_grad():
+        return time_call(lambda: torch.func.jvp(lambda a, b: model(a, b, y), (x, t), tangents), repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jvp", action="store_true", help="also time torch.func.jvp at batch 64")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, eval, no_grad")
+    print(f"{'preset':<14} {'params':>10} {'backbone':>10} {'b1 ms':>8} {'b64 ms':>8} {'img/s@64':>9}"
+          + (f" {'jvp64 ms':>9}" if args.jvp else ""))
+    for name, cfg in PRESETS.items():
+        model = build_model(cfg).eval()
+        n_all = sum(p.numel() for p in model.parameters())
+        n_bb = sum(p.numel() for p in model.backbone.parameters())
+        b1, b64 = (forward_ms(model, cfg, b, args.repeats, g) for b in (1, 64))
+        line = f"{name:<14} {n_all:>10,} {n_bb:>10,} {b1:>8.2f} {b64:>8.2f} {64e3 / b64:>9.0f}"
+        if args.jvp:
+            line += f" {jvp_ms(model, cfg, 64, max(3, args.repeats // 3), g):>9.1f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""docker/compose.yaml (+ nginx.conf, prometheus.yml) and docker/k8s/quickstep.yaml: they parse, and they name
+the right ports, probes and paths. `docker compose config` runs where the compose plugin exists."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.docker.dockerfile import DOCKER, REPO
+
+PORT = 8000
+READY, LIVE, METRICS = "/health/ready", "/health/live", "/metrics"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((DOCKER / "k8s" / "quickstep.yaml").read_text()) if d]
+    kinds = [d["kind"] for d in docs]
+    assert len(kinds) == len(set(kinds)), f"one object per kind expected, got {kinds}"
+    return {d["kind"]: d for d in docs}
+
+
+def _health_test(check: dict) -> str:
+    test = check["test"]
+    return " ".join(test) if isinstance(test, list) else test
+
+
+def test_compose_serve_replicas(compose: dict) -> None:
+    serve = compose["services"]["serve"]
+    assert (REPO / serve["build"]["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
+    assert (DOCKER / serve["build"]["context"]).resolve() == REPO
+    assert re.fullmatch(r"\$\{QUICKSTEP_REPLICAS:-\d+\}", str(serve["deploy"]["replicas"]))
+    assert "ports" not in serve, "replicas publish no host port (they would collide); the balancer does"
+    assert [str(p) for p in serve["expose"]] == [str(PORT)]
+    assert serve["environment"]["QUICKSTEP_PORT"] == str(PORT)
+    check = serve["healthcheck"]
+    assert f"127.0.0.1:{PORT}{READY}" in _health_test(check) and check["test"][0] == "CMD"
+    assert serve["read_only"] is True and serve["cap_drop"] == ["ALL"]
+
+
+def test_compose_load_balancer(compose: dict) -> None:
+    lb = compose["services"]["lb"]
+    assert lb["image"].startswith("nginx:") and lb["depends_on"]["serve"]["condition"] == "service_healthy"
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in lb["volumes"]}
+    conf_path = DOCKER / mounts["/etc/nginx/nginx.conf"]
+    conf = conf_path.read_text()
+    (listen,) = re.findall(r"^\s*listen\s+(\d+);", conf, re.M)
+    assert any(str(p).endswith(f":{listen}") for p in lb["ports"]), "the published port reaches nginx's listen port"
+    assert READY in _health_test(lb["healthcheck"]) and f":{listen}" in _health_test(lb["healthcheck"])
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, re.S)
+    assert upstream and re.search(rf"server\s+serve:{PORT}\s+resolve\b", upstream.group(2)), \
+        "nginx balances over every `serve` replica on port 8000, re-resolving as they scale"
+    assert re.search(r"resolver\s+127\.0\.0\.11\b", conf), "Docker's embedded DNS"
+    assert re.search(rf"proxy_pass\s+http://{upstream.group(1)};", conf)
+    assert re.search(r"proxy_next_upstream\s+[^;]*http_503", conf), "a not-ready replica (503) is skipped"
+    assert conf.count("{") == conf.count("}")
+
+
+def test_compose_prometheus_scrapes_every_replica(compose: dict) -> None:
+    prom = compose["services"]["prometheus"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in prom["volumes"]}
+    cfg = yaml.safe_load((DOCKER / mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    job = jobs["quickstep"]
+    assert job["metrics_path"] == METRICS
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["serve"] and sd["type"] == "A" and sd["port"] == PORT
+    assert jobs["triton"]["dns_sd_configs"][0]["port"] == 8002, "Triton's metrics port"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+
+
+def test_compose_triton_profile(compose: dict) -> None:
+    services = compose["services"]
+    profiled = {name for name, s in services.items() if "triton" in s.get("profiles", [])}
+    assert profiled == {"triton", "triton-export"}
+    assert not [n for n in ("serve", "lb", "prometheus") if services[n].get("profiles")]
+    export = services["triton-export"]
+    argv = export["entrypoint"] + export["command"]
+    assert argv[:2] == ["quickstep-export", "triton"]
+    assert argv[argv.index("--bundle") + 1] == "/bundle" and argv[argv.index("--out") + 1] == "/models"
+    triton = services["triton"]
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and not triton["image"].endswith(":latest")
+    assert "--model-repository=/models" in triton["command"]
+    assert triton["depends_on"]["triton-export"]["condition"] == "service_completed_successfully"
+    assert {v.split(":")[0] for v in triton["volumes"]} & {v.split(":")[0] for v in export["volumes"]}, \
+        "Triton reads the repository the export step writes"
+    assert "/v2/health/ready" in _health_test(triton["healthcheck"])
+    (gpu,) = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["capabilities"] == ["gpu"]
+
+
+def test_compose_files_referenced_exist(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if build:
+            assert (DOCKER / build["context"] / build["dockerfile"]).is_file(), name
+        for volume in service.get("volumes", []):
+            src = volume.split(":")[0]
+            if src.startswith("./"):
+                assert (DOCKER / src).is_file(), f"{name}: {src} does not exist"
+
+
+def _compose_plugin() -> str | None:
+    docker = shutil.which("docker")
+    if not docker:
+        return None
+    r = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
+    return docker if r.returncode == 0 else None
+
+
+def test_docker_compose_config() -> None:
+    """`docker compose config` (the Compose spec's own validation) accepts the file, with every profile."""
+    docker = _compose_plugin()
+    if docker is None:
+        pytest.skip("the docker compose plugin is not installed (`docker compose version` fails)")
+    r = subprocess.run([docker, "compose", "-f", str(DOCKER / "compose.yaml"), "--profile", "triton", "config",
+                        "--quiet"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+
+
+def test_k8s_deployment(k8s: dict[str, dict]) -> None:
+    dep = k8s["Deployment"]
+    assert dep["apiVersion"] == "apps/v1"
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (c,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": PORT}
+    assert c["readinessProbe"]["httpGet"]["path"] == READY
+    assert c["livenessProbe"]["httpGet"]["path"] == LIVE
+    assert c["startupProbe"]["httpGet"]["path"] == LIVE
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in ("http", PORT)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {"requests", "limits"} <= c["resources"].keys() and "cpu" in c["resources"]["requests"], \
+        "the HPA's CPU utilisation is measured against the request"
+    mounted = {m["mountPath"] for m in c["volumeMounts"]}
+    assert "/tmp" in mounted, "a read-only root file system still needs a writable /tmp"
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] == METRICS and annotations["prometheus.io/port"] == str(PORT)
+    config = k8s["ConfigMap"]
+    assert config["data"]["QUICKSTEP_PORT"] == str(PORT)
+    assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [config["metadata"]["name"]]
+
+
+def test_k8s_service_and_hpa(k8s: dict[str, dict]) -> None:
+    dep, svc, hpa = k8s["Deployment"], k8s["Service"], k8s["HorizontalPodAutoscaler"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items(), "the Service selects the Deployment's pods"
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] in ("http", PORT)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    ns = k8s["Namespace"]["metadata"]["name"]
+    assert {d["metadata"].get("namespace") for k, d in k8s.items() if k != "Namespace"} == {ns}
+
+
+def test_k8s_image_runs_as_the_dockerfile_user(k8s: dict[str, dict]) -> None:
+    """runAsUser matches the image's numeric USER, so runAsNonRoot can be verified by the kubelet."""
+    from tests.docker.dockerfile import DOCKERFILES, final_stage
+
+    user = final_stage(DOCKERFILES["Dockerfile"]).all("USER")[-1].args.split(":")[0]
+    assert str(k8s["Deployment"]["spec"]["template"]["spec"]["securityContext"]["runAsUser"]) == user
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (plain PyYAML lets the last one silently win)."""
+
+
+def _no_duplicates(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if dup:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dup}", node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+@pytest.mark.parametrize("rel", ["compose.yaml", "prometheus.yml", "k8s/quickstep.yaml"])
+def test_yaml_has_no_tabs_or_duplicate_keys(rel: str) -> None:
+    text = (DOCKER / rel).read_text()
+    assert "\t" not in text
+    assert list(yaml.load_all(text, Loader=StrictLoader))  # noqa: S506 - a SafeLoader subclass
+
+
+def test_duplicate_key_check_works() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate keys"):
+        yaml.load("a: 1\nb: {c: 1, c: 2}\n", Loader=StrictLoader)  # noqa: S506

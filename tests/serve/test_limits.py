@@ -1,0 +1,68 @@
+"""503 before ready, 429 from a flooded queue of size 1, 504 from a 1 ms deadline, 401 API keys (real uvicorn)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .conftest import serve
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    """max_queue=1, warm-up delayed 1.5 s, API key required; yielded before it is ready."""
+    with serve(wait_ready=False, bundle=[bundle_dir], max_queue=1, max_batch=1, max_wait_ms=0,
+               warmup_delay_s=1.5, api_keys=[KEY]) as s:
+        yield s
+
+
+def test_503_before_ready_then_200(server):
+    r = httpx.get(server.url + "/health/ready")
+    assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"]
+    r = httpx.post(server.url + "/v1/generate", json={"seed": 1}, headers=AUTH)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    assert httpx.get(server.url + "/v2/health/ready").status_code == 503
+    assert httpx.get(server.url + "/health/live").status_code == 200
+    server.wait_ready(30)
+    assert httpx.post(server.url + "/v1/generate", json={"seed": 1}, headers=AUTH).status_code == 200
+
+
+def test_401_api_key(server):
+    server.wait_ready(30)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"Authorization": KEY}):
+        r = httpx.post(server.url + "/v1/generate", json={}, headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "unauthorized" and KEY not in r.text
+    for path in ("/v1/models", "/metrics", "/docs"):
+        assert httpx.get(server.url + path).status_code == 401, path
+    assert httpx.post(server.url + "/v1/generate", json={}, headers={"X-API-Key": KEY}).status_code == 200
+    assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+    for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(server.url + path).status_code == 200, path
+
+
+def test_429_queue_full(server):
+    server.wait_ready(30)
+    with ThreadPoolExecutor(24) as ex:
+        rs = list(ex.map(lambda i: httpx.post(server.url + "/v1/generate", json={"seed": i, "n": 16, "steps": 2},
+                                              headers=AUTH, timeout=30), range(24)))
+    codes = sorted({r.status_code for r in rs})
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    r429 = next(r for r in rs if r.status_code == 429)
+    assert int(r429.headers["retry-after"]) >= 1 and r429.json()["error"]["code"] == "queue_full"
+
+
+def test_504_deadline(server):
+    server.wait_ready(30)
+    t0 = time.perf_counter()
+    r = httpx.post(server.url + "/v1/generate", json={"n": 16, "steps": 2}, headers={**AUTH, "X-Timeout-Ms": "1"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert time.perf_counter() - t0 < 5
+    # the server still answers normally afterwards
+    assert httpx.post(server.url + "/v1/generate", json={}, headers=AUTH).status_code == 200

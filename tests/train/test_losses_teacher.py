@@ -1,0 +1,210 @@
+"""Analytic checks of the teacher regularisers on a Gaussian mixture whose exact denoiser/score stand in for
+the network, and of the objective composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from quickstep.train.data import gmm_preset
+from quickstep.train.losses import OBJECTIVES, Batch, StepContext, build_objective
+from quickstep.train.losses.cp import cp_estimate, edm_grid
+from quickstep.train.losses.fp import divergence, fpe_residual
+from quickstep.train.losses.stf import stf_targets
+
+MIX = gmm_preset("ring8")
+
+
+def _exact_denoise(x, sigma, labels=None):
+    return MIX.denoise(x, sigma)
+
+
+def _shifted_denoise(x, sigma, labels=None):
+    """Breaks the consistency property: a shift growing with sigma."""
+    return MIX.denoise(x, sigma) + 0.5 * sigma[:, None]
+
+
+def _noisy(n: int, sigma: float, g: torch.Generator):
+    x0 = MIX.sample(n, g, dtype=torch.float64)
+    s = torch.full((n,), sigma, dtype=torch.float64)
+    return x0, x0 + s[:, None] * torch.randn(n, 2, generator=g, dtype=torch.float64), s
+
+
+# ----------------------------------------------------------------------------------------------- CP
+def test_edm_grid_endpoints_and_monotone():
+    s, sn = torch.tensor([1.0, 0.3]), torch.tensor([0.95, 0.002])
+    grid = edm_grid(s, sn, 5)
+    assert grid.shape == (6, 2)
+    torch.testing.assert_close(grid[0], s)
+    torch.testing.assert_close(grid[-1], sn)
+    assert bool((grid[1:] < grid[:-1]).all())
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.6, 1.5])
+def test_cp_is_zero_for_exact_denoiser_and_positive_for_a_perturbed_one(sigma):
+    g = torch.Generator().manual_seed(int(sigma * 100))
+    n, steps = 20_000, 8
+    _, x, s = _noisy(n, sigma, g)
+    delta = 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
+    n1 = torch.randn(steps, n, 2, generator=g, dtype=torch.float64)
+    n2 = torch.randn(steps, n, 2, generator=g, dtype=torch.float64)
+    exact = cp_estimate(_exact_denoise, x, s, delta, n1, n2, chain_steps=steps)
+    bad = cp_estimate(_shifted_denoise, x, s, delta, n1, n2, chain_steps=steps)
+    se_exact, se_bad = exact.std() / math.sqrt(n), bad.std() / math.sqrt(n)
+    assert abs(exact.mean()) < 4 * se_exact  # unbiased estimate of ||E[D(x')|x] - D(x)||^2 = 0
+    assert bad.mean() > 5 * se_bad and bad.mean() > 5 * abs(exact.mean())
+
+
+def test_cp_gradients_flow_into_both_denoiser_calls_but_not_the_chains():
+    w = torch.tensor(1.0, requires_grad=True)
+    calls = []
+
+    def den(x, s, y=None):
+        calls.append(torch.is_grad_enabled())
+        return w * x
+
+    x = torch.randn(4, 2)
+    s = torch.full((4,), 0.5)
+    per = cp_estimate(den, x, s, torch.full((4,), 0.05), torch.randn(3, 4, 2), torch.randn(3, 4, 2), chain_steps=3)
+    per.sum().backward()
+    assert w.grad is not None and calls[:6] == [False] * 6 and calls[6:] == [True, True]
+
+
+# ----------------------------------------------------------------------------------------------- FP
+def _exact_score(x, sigma, labels=None):
+    return MIX.score(x, sigma)
+
+
+def _perturbed_score(x, sigma, labels=None):
+    return MIX.score(x, sigma) * (1 + 0.2 * torch.tanh(sigma[:, None]))
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 5.0])
+def test_fp_residual_vanishes_for_the_exact_score(sigma):
+    g = torch.Generator().manual_seed(1)
+    _, x, s = _noisy(256, sigma, g)
+    scale = sigma**2  # sigma^2 r is dimensionless
+    r = scale * fpe_residual(_exact_score, x, s)  # float64: only the O(h^2) finite-difference error remains
+    rp = scale * fpe_residual(_perturbed_score, x, s)
+    r32 = scale * fpe_residual(_exact_score, x.float(), s.float())  # float32: also round-off / h
+    assert r.norm(dim=1).mean() < 1e-4
+    assert r32.norm(dim=1).mean() < 1e-3
+    assert rp.norm(dim=1).mean() > 5e-3 and rp.norm(dim=1).mean() > 50 * r32.norm(dim=1).mean()
+
+
+def test_hutchinson_divergence_is_unbiased():
+    g = torch.Generator().manual_seed(2)
+    _, x, s = _noisy(64, 0.4, g)
+    x = x.requires_grad_(True)
+    sc = MIX.score(x, s)
+    exact = divergence(sc, x)
+    probes = torch.where(torch.rand(400, 64, 2, generator=g) < 0.5, -1.0, 1.0).double()
+    est = torch.stack([divergence(sc, x, probe=p) for p in probes]).mean(0)
+    assert torch.allclose(est, exact, atol=0.08 * exact.abs().mean().item())
+
+
+# ----------------------------------------------------------------------------------------------- STF
+def test_stf_target_is_the_posterior_mean_under_the_references():
+    g = torch.Generator().manual_seed(3)
+    refs = MIX.sample(700, g, dtype=torch.float64)
+    x = torch.randn(33, 2, generator=g, dtype=torch.float64)
+    sigma = torch.rand(33, generator=g, dtype=torch.float64) * 2 + 0.05
+    logits = -((x[:, None, :] - refs[None]) ** 2).sum(-1) / (2 * sigma[:, None] ** 2)  # [B, R]
+    brute = torch.softmax(logits, dim=1) @ refs
+    got = stf_targets(x, sigma, refs, chunk=64)  # 11 chunks, the last one partial
+    torch.testing.assert_close(got.double(), brute, atol=1e-5, rtol=1e-5)
+
+
+def test_stf_target_tends_to_the_dsm_target_as_sigma_vanishes():
+    g = torch.Generator().manual_seed(4)
+    refs = MIX.sample(512, g)
+    x0 = refs[:16]  # the batch is the head of the reference set
+    errs = []
+    for sigma in (1.0, 0.1, 0.01):
+        s = torch.full((16,), sigma)
+        x = x0 + sigma * torch.randn(16, 2, generator=g)
+        errs.append((stf_targets(x, s, refs) - x0).norm(dim=1).mean().item())
+    assert errs[2] < 1e-3 < errs[0] and errs[0] > errs[1] > errs[2]
+
+
+def test_stf_target_approaches_the_exact_posterior_mean_for_many_references():
+    g = torch.Generator().manual_seed(5)
+    refs = MIX.sample(60_000, g)
+    _, x, s = _noisy(64, 0.5, g)
+    got = stf_targets(x.float(), s.float(), refs, chunk=8192)
+    assert (got.double() - MIX.denoise(x, s)).norm(dim=1).mean() < 0.02
+
+
+def test_stf_restricts_references_to_the_same_class():
+    refs = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    x = torch.tensor([[0.1, 0.0], [0.1, 0.0]])
+    s = torch.full((2,), 100.0)  # huge sigma: unrestricted weights are ~uniform
+    got = stf_targets(x, s, refs, labels=torch.tensor([0, 1]), ref_labels=torch.tensor([0, 1]))
+    torch.testing.assert_close(got, refs)
+
+
+# ----------------------------------------------------------------------------------------------- composition
+class _TinyModel(torch.nn.Module):
+    """A TrigFlowModel from core, small MLP."""
+
+
+def _ctx(b: int, step: int = 0, *, refs: Batch | None = None, batch: Batch):
+    return StepContext(step=step, total_steps=10, generator=torch.Generator().manual_seed(0),
+                       device=torch.device("cpu"), references=(lambda n: refs) if refs else None,
+                       global_batch=batch)
+
+
+@pytest.mark.parametrize("combo", [("diffusion",), ("stf",), ("diffusion", "cp"), ("diffusion", "fp"),
+                                   ("stf", "cp"), ("stf", "fp"), ("diffusion", "cp", "fp"),
+                                   ("stf", "cp", "fp")])
+def test_every_combination_returns_finite_terms_and_gradients(combo):
+    from quickstep.train.core import MLPConfig, ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(MLPConfig(dim=2, hidden=32, depth=2, emb_channels=16, num_classes=8),
+                                    logvar_channels=16))
+    for p in model.backbone.fc_out.parameters():  # leave the zero init: make F depend on x
+        torch.nn.init.normal_(p, std=0.1)
+    x, y = MIX.sample(16, torch.Generator().manual_seed(0), return_labels=True)
+    batch = Batch(x, y)
+    ctx = _ctx(16, batch=batch, refs=batch)
+    terms = {}
+    for name in combo:
+        spec = OBJECTIVES[name]
+        terms.update(build_objective(name, spec.config_cls())(model, batch, ctx))
+    assert set(terms) == {"stf" if n == "stf" else n for n in combo}
+    total = sum(terms.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_shared_perturbation_and_every_k():
+    from quickstep.train.losses.cp import CPConfig, CPLoss
+
+    x = MIX.sample(8, torch.Generator().manual_seed(0))
+    batch = Batch(x)
+    ctx = _ctx(8, step=1, batch=batch)
+    assert CPLoss(CPConfig(every=2))(_Exact(), batch, ctx) == {}
+
+
+class _Exact:
+    """The exact GMM denoiser with a TrigFlowModel-like surface (denoise, sigma_data, num_classes)."""
+
+    sigma_data = 0.5
+    num_classes = 0
+
+    def denoise(self, x, sigma, labels=None):
+        return MIX.denoise(x, sigma).to(x.dtype)
+
+
+def test_cp_objective_on_exact_denoiser_is_small():
+    from quickstep.train.losses.cp import CPConfig, CPLoss
+
+    x = MIX.sample(4096, torch.Generator().manual_seed(0))
+    batch = Batch(x)
+    out = CPLoss(CPConfig(weight=1.0, scale_by_sigma_data2=False))(_Exact(), batch, _ctx(4096, batch=batch))
+    assert abs(out["cp"].item()) < 5e-4

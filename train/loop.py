@@ -1,0 +1,505 @@
+"""The trainer: one loop for every objective (EDM-style training loop, Karras et al. 2022).
+
+EMA with the half-life in images, Adam/RAdam, LR warm-up, gradient clipping, bf16 autocast on CUDA, a NaN/Inf
+guard naming the step and the loss term, atomic checkpoints with exact resume, a progress bar, TensorBoard +
+JSONL logs, PNG sample grids, and data parallelism through `torchrun` (gloo on CPU, NCCL on GPU).
+
+Data parallelism: every rank draws the same global batch indices and the same global noise (shared generators,
+see `losses.base.StepContext`) and keeps its own rows; gradients are averaged with an explicit all-reduce
+after backward (DistributedDataParallel's reducer supports neither the double backward of the FP objective
+nor losses that call model methods other than `forward`).  A run on W ranks therefore reproduces the
+single-process run on the same global batch up to float summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig, build_config, model_config
+from .core import checkpoint as ckpt
+from .core.model import TrigFlowModel, build_model
+from .core.networks import ModelConfig
+from .core.sampling import heun_teacher_sample
+from .losses import Batch, StepContext, build_objective, get_objective_spec
+
+CKPT_PREFIX = "step-"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient became NaN/Inf; the message names the step and the term."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path | None  # the last checkpoint written (rank 0), or None
+    step: int  # steps completed
+    losses: list[float] = field(default_factory=list)  # total loss of every step run in this call
+    terms: list[dict[str, float]] = field(default_factory=list)  # every named term of every step run
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` if it is a checkpoint directory, else the latest `step-*` checkpoint inside a run directory."""
+    path = Path(path)
+    if (path / ckpt.CONFIG).exists():
+        return path
+    if path.is_dir():
+        cands = sorted((p for p in path.iterdir() if re.fullmatch(rf"{CKPT_PREFIX}\d+", p.name) and
+                        (p / ckpt.CONFIG).exists()), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        if cands:
+            return cands[-1]
+        raise ckpt.CheckpointNotFoundError(f"{str(path)!r} holds no checkpoint (config.json or {CKPT_PREFIX}* dirs)")
+    return ckpt.resolve_dir(path)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def ema_beta(cfg: TrainConfig, images_seen: int) -> float:
+    """EDM EMA decay per step: 0.5 ** (batch / halflife_images), half-life ramped up early (EDM train loop)."""
+    halflife = cfg.ema.halflife_kimg * 1000
+    if cfg.ema.rampup_ratio is not None:
+        halflife = min(halflife, images_seen * cfg.ema.rampup_ratio)
+    return 0.5 ** (cfg.batch_size / max(halflife, 1e-8))
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Base LR with a linear warm-up over `optim.warmup_steps`."""
+    if cfg.optim.warmup_steps > 0:
+        return cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps)
+    return cfg.optim.lr
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class PermutationSampler:
+    """Endless shuffled indices: successive permutations of 0..N-1 (epoch e seeded by (seed, e)); its state is
+    two integers, so resuming is exact."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make(0)
+
+    def _make(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next(self, k: int) -> torch.Tensor:
+        out = []
+        while k > 0:
+            take = min(k, self.n - self.pos)
+            out.append(self._perm[self.pos : self.pos + take])
+            self.pos += take
+            k -= take
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make(self.epoch)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._perm = self._make(self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------- images
+def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> Any:
+    """[N, C, H, W] in [-1, 1] -> a PIL image grid (1-pixel gaps)."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    grid = torch.zeros(c, rows * (h + 1) + 1, nrow * (w + 1) + 1, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+
+
+def scatter_png(points: torch.Tensor, size: int = 384, extent: float = 2.0) -> Any:
+    """2-D samples [N, 2] (or 1-D [N, 1], drawn against a uniform jitter) -> a PIL scatter plot."""
+    from PIL import Image, ImageDraw
+
+    p = points.detach().float().cpu()
+    if p.shape[1] == 1:
+        p = torch.cat([p, torch.linspace(-extent * 0.9, extent * 0.9, p.shape[0])[:, None]], 1)
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    c = size / 2
+    draw.line([(0, c), (size, c)], fill=(220, 220, 220))
+    draw.line([(c, 0), (c, size)], fill=(220, 220, 220))
+    for x, y in p[:, :2].tolist():
+        u, v = c + x / extent * c, c - y / extent * c
+        draw.ellipse([u - 1.5, v - 1.5, u + 1.5, v + 1.5], fill=(30, 80, 200))
+    return img
+
+
+def save_samples_png(samples: torch.Tensor, path: str | Path) -> Path:
+    """Images [N, C, H, W] -> grid PNG; vectors [N, D] -> scatter PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = to_uint8_grid(samples) if samples.ndim == 4 else scatter_png(samples)
+    img.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train a TrigFlowModel with the objectives of a TrainConfig.  `resume` continues a checkpoint exactly."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: str | Path | None = None,
+                 teacher: str | Path | None = None, dataset: Any = None):
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self._init_distributed()
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {self.world_size}")
+        self.local_batch = cfg.batch_size // self.world_size
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+
+        if dataset is None:
+            from .data import load_dataset
+
+            d = cfg.data
+            dataset = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
+                                   **dict(d.options))
+        self.dataset = dataset
+        self.spec = dataset.spec
+        self.data_x = dataset.x.to(self.device)
+        self.data_y = dataset.y.to(self.device) if dataset.y is not None else None
+
+        # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
+        if cfg.init_from:
+            self.model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
+            if tuple(self.model.sample_shape) != tuple(self.spec.shape):
+                raise ValueError(f"init_from model samples {self.model.sample_shape}, data are {self.spec.shape}")
+        else:
+            mcfg: ModelConfig = model_config(cfg, self.spec)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.model = build_model(mcfg)
+        self.model.to(self.device).train()
+        self.conditional = self.model.num_classes > 0 and self.data_y is not None
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        opt_cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+        self.objectives = {name: build_objective(name, c) for name, c in cfg.objectives.items()}
+        self.teacher: TrigFlowModel | None = None
+        needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
+        if teacher is not None:
+            self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
+            self.teacher.eval().requires_grad_(False)
+        elif needs:
+            raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR")
+
+        # shared generators (identical on every rank) and the per-rank global RNG (dropout only)
+        self.sampler = PermutationSampler(len(dataset), cfg.seed)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
+        self.step = 0
+        if resume is not None:
+            self._load(find_checkpoint(resume))
+        elif self.world_size > 1:
+            for t in list(self.model.state_dict().values()):
+                dist.broadcast(t, 0)
+            self.ema.load_state_dict(self.model.state_dict())
+
+    # -- distributed ---------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            use_cuda = torch.cuda.is_available() and self.cfg.device != "cpu"
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    def _allreduce_grads(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _references(self, global_batch: Batch):
+        def provide(n: int) -> Batch:
+            extra = max(n - global_batch.size, 0)
+            idx = torch.randint(len(self.dataset), (extra,), generator=self.data_gen).to(self.device)
+            x = torch.cat([global_batch.x, self.data_x[idx]])
+            y = None if global_batch.y is None else torch.cat([global_batch.y, self.data_y[idx]])
+            return Batch(x, y)
+
+        return provide
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns the (rank-averaged) loss terms and diagnostics as floats."""
+        cfg, step = self.cfg, self.step
+        idx = self.sampler.next(cfg.batch_size).to(self.device)
+        gx = self.data_x[idx]
+        gy = self.data_y[idx] if self.conditional else None
+        global_batch = Batch(gx, gy)
+        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
+        batch = Batch(gx[lo:hi], None if gy is None else gy[lo:hi])
+        ctx = StepContext(step=step, total_steps=cfg.steps, generator=self.noise_gen, device=self.device,
+                          rank=self.rank, world_size=self.world_size, teacher=self.teacher,
+                          references=self._references(global_batch), global_batch=global_batch)
+        lr = learning_rate(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            for name, objective in self.objectives.items():
+                out = objective(self.model, batch, ctx)
+                for k, v in out.items():
+                    if k in terms:
+                        raise RuntimeError(f"loss term {k!r} returned by objective {name!r} is already taken")
+                    terms[k] = v.float()
+        if not terms:
+            raise RuntimeError(f"step {step}: no objective returned a loss term")
+        names = list(terms)
+        metric_names = list(ctx.metrics)
+        values = torch.stack([terms[k].detach() for k in names] +
+                             [torch.as_tensor(ctx.metrics[k], dtype=torch.float32, device=self.device).detach()
+                              for k in metric_names])
+        if self.distributed:
+            dist.all_reduce(values)
+            values /= self.world_size
+        vals = values.tolist()
+        for k, v in zip(names, vals, strict=False):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(f"step {step}: loss term {k!r} is {v} (not finite); stopping. Lower the "
+                                         "learning rate, enable optim.grad_clip, or check the data.")
+        total = sum(terms.values())
+        total.backward()
+        if self.distributed:
+            self._allreduce_grads()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm} (not finite) although every "
+                                     f"loss term ({', '.join(names)}) is finite; stopping.")
+        self.optimizer.step()
+        self._update_ema()
+        self.step += 1
+        out = dict(zip(names + metric_names, vals, strict=True))
+        out["loss"] = float(sum(vals[: len(names)]))
+        out["grad_norm"] = grad_norm
+        out["lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        beta = ema_beta(self.cfg, (self.step + 1) * self.cfg.batch_size)
+        for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+            pe.lerp_(p.detach(), 1 - beta)
+        for be, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+            be.copy_(b)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        cpu_states = [torch.get_rng_state()]
+        if self.distributed:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, torch.get_rng_state())
+            cpu_states = gathered
+        state = {"noise": self.noise_gen.get_state(), "data": self.data_gen.get_state(),
+                 "torch_cpu": torch.stack(cpu_states)}
+        if self.device.type == "cuda":
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, metrics: dict[str, float] | None = None) -> Path | None:
+        """Write `out_dir/step-NNNNNNN` atomically (rank 0) and prune old ones."""
+        rng = self._rng_state()
+        path = None
+        if self.rank == 0:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng,
+                     "sampler": self.sampler.state_dict(), "world_size": self.world_size}
+            extra = {"train": self.cfg.to_dict(), "data": self.spec.to_dict(), "step": self.step,
+                     "kimg": self.step * self.cfg.batch_size / 1000, "git_revision": _git_revision(),
+                     "metrics": metrics or {}, "objectives": sorted(self.objectives)}
+            path = ckpt.save_checkpoint(self.out_dir / f"{CKPT_PREFIX}{self.step:07d}", self.model, ema=self.ema,
+                                        extra_config=extra, state=state)
+            keep = self.cfg.log.keep_checkpoints
+            if keep > 0:
+                old = sorted((p for p in self.out_dir.iterdir() if re.fullmatch(rf"{CKPT_PREFIX}\d+", p.name)),
+                             key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+                for p in old[:-keep]:
+                    shutil.rmtree(p, ignore_errors=True)
+        if self.distributed:
+            dist.barrier()
+        return path
+
+    def _load(self, path: Path) -> None:
+        raw = ckpt.load_model(path, which="raw")
+        ema = ckpt.load_model(path, which="ema")
+        if raw.config != self.model.config:
+            raise ckpt.CheckpointMismatchError(f"checkpoint {path} holds a different model than the config describes")
+        self.model.load_state_dict(raw.state_dict())
+        self.ema.load_state_dict(ema.state_dict())
+        state = ckpt.load_state(path, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        rng = state["rng"]
+        self.noise_gen.set_state(rng["noise"].cpu())
+        self.data_gen.set_state(rng["data"].cpu())
+        cpu = rng["torch_cpu"].cpu()
+        torch.set_rng_state(cpu[self.rank] if int(state.get("world_size", 1)) == self.world_size else cpu[0])
+        if self.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"].cpu(), self.device)
+
+    # -- samples -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, path: str | Path) -> Path | None:
+        """EMA samples from fixed noise (Heun, log.sample_steps) as a PNG grid/scatter (rank 0)."""
+        if self.rank != 0:
+            return None
+        n = self.cfg.log.sample_n if self.spec.kind == "image" else max(self.cfg.log.sample_n, 512)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 12345)
+        noise = torch.randn((n, *self.ema.sample_shape), generator=g, device=self.device)
+        labels = (torch.arange(n, device=self.device) % self.ema.num_classes) if self.ema.num_classes > 0 else None
+        x = heun_teacher_sample(self.ema, noise, num_steps=self.cfg.log.sample_steps, class_labels=labels)
+        return save_samples_png(x, path)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, steps: int | None = None) -> TrainResult:
+        """Run until cfg.steps (or `steps` more steps); checkpoints every log.ckpt_every steps and at the end."""
+        cfg = self.cfg
+        end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
+        is_main = self.rank == 0
+        if is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        writer = None
+        if is_main and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard imports slowly
+
+            writer = SummaryWriter(str(self.out_dir / "tb"))
+        bar = None
+        if is_main and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc=cfg.name, dynamic_ncols=True)
+        result = TrainResult(self.out_dir, None, self.step)
+        log_f = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115
+        t_last, step_last = time.perf_counter(), self.step
+        acc: dict[str, float] = {}
+        n_acc = 0
+        try:
+            while self.step < end:
+                out = self.train_step()
+                result.losses.append(out["loss"])
+                result.terms.append(out)
+                for k, v in out.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                n_acc += 1
+                if self.step % cfg.log.every == 0 or self.step == end:
+                    now = time.perf_counter()
+                    img_s = (self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                    t_last, step_last = now, self.step
+                    rec = {k: v / n_acc for k, v in acc.items()}
+                    rec.update(step=self.step, kimg=self.step * cfg.batch_size / 1000, img_per_s=img_s,
+                               time=time.time())
+                    acc, n_acc = {}, 0
+                    if log_f is not None:
+                        log_f.write(json.dumps(rec) + "\n")
+                        log_f.flush()
+                    if writer is not None:
+                        for k, v in rec.items():
+                            if k not in ("step", "time"):
+                                writer.add_scalar(f"train/{k}", v, self.step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{img_s:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if cfg.log.samples and cfg.log.sample_every > 0 and self.step % cfg.log.sample_every == 0:
+                    self.sample_grid(self.out_dir / "samples" / f"{CKPT_PREFIX}{self.step:07d}.png")
+                if self.step % cfg.log.ckpt_every == 0 or self.step == end:
+                    result.checkpoint = self.save(out) or result.checkpoint
+            if cfg.log.samples:
+                self.sample_grid(self.out_dir / "samples" / "final.png")
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if log_f is not None:
+                log_f.close()
+        result.step = self.step
+        return result
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: str | Path | None = None,
+          teacher: str | Path | None = None, dataset: Any = None) -> TrainResult:
+    """Build a Trainer and run it to cfg.steps."""
+    trainer = Trainer(cfg, out_dir, resume=resume, teacher=teacher, dataset=dataset)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def config_from_checkpoint(path: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a checkpoint's config.json (for --resume)."""
+    cfg = ckpt.load_config(find_checkpoint(path))
+    if "train" not in cfg:
+        raise ckpt.CheckpointFormatError(f"{path} has no training config; was it written by quickstep-train?")
+    return build_config(cfg["train"])
