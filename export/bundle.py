@@ -13,12 +13,18 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quickstep.train.core.checkpoint import CONFIG, WEIGHTS, CheckpointError, atomic_write_dir, load_config, load_model
+from quickstep.train.core.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    atomic_write_dir,
+    load_config,
+    load_model,
+)
 
 from .onnx import (
     EXPORTER,
@@ -268,10 +274,3 @@ def bundle_graph_specs(bundle: str | Path, manifest: dict[str, Any], model=None)
     if manifest.get("kind") == "consistency":
         return [consistency_graph(model, int(k)) for k in keys]
     return [heun_graph(model, int(k)) for k in keys]
-
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-    """(fn(*args, **kwargs), seconds)."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-
 from quickstep.train.core.checkpoint import CheckpointError
 
 from .bundle import BundleError
@@ -42,7 +40,7 @@ def _run(fn):
         raise _fail(str(e), 2) from None
 
 
-def _ints(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
@@ -58,12 +56,12 @@ def _ints(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
 def onnx(
     ckpt: Path = typer.Option(..., "--ckpt", help="checkpoint directory (model.safetensors + config.json)"),
     out: Path = typer.Option(..., "--out", help="bundle directory to write (replaced atomically)"),
-    steps: Optional[str] = typer.Option(None, help="consistency: step graphs, subset of 1,2 (default 1,2); "
+    steps: str | None = typer.Option(None, help="consistency: step graphs, subset of 1,2 (default 1,2); "
                                                    "diffusion: Heun step counts (default 18)"),
     opset: int = typer.Option(17, help=f"ONNX opset, one of {list(SUPPORTED_OPSETS)}"),
     fp16: bool = typer.Option(False, "--fp16", help="fp16 compute (autocast); normalisation and I/O stay fp32"),
-    kind: Optional[str] = typer.Option(None, help="consistency|diffusion (default: from the checkpoint config)"),
-    name: Optional[str] = typer.Option(None, help="model name (default: config name or directory name)"),
+    kind: str | None = typer.Option(None, help="consistency|diffusion (default: from the checkpoint config)"),
+    name: str | None = typer.Option(None, help="model name (default: config name or directory name)"),
     parity_batches: str = typer.Option("1,7", help="batch sizes of the onnxruntime parity gate"),
 ) -> None:
     """Export a checkpoint to a bundle: whole-sampler ONNX graphs, denoiser.onnx, torch weights, manifest."""
@@ -100,7 +98,7 @@ def onnx(
 def tensorrt(
     bundle: Path = typer.Option(..., "--bundle", help="bundle directory"),
     batch: str = typer.Option("1,8,32", help="batch buckets (one optimisation profile each)"),
-    timing_cache: Optional[Path] = typer.Option(None, help="timing cache file (default ~/.cache/quickstep/...)"),
+    timing_cache: Path | None = typer.Option(None, help="timing cache file (default ~/.cache/quickstep/...)"),
     opt_level: int = typer.Option(3, help="builder optimisation level 0-5"),
 ) -> None:
     """Build TensorRT engines for this GPU from the bundle's ONNX graphs (needs the gpu extra and CUDA)."""
@@ -116,7 +114,7 @@ def tensorrt(
 def aoti(
     bundle: Path = typer.Option(..., "--bundle", help="bundle directory"),
     device: str = typer.Option("cpu", help="cpu|cuda"),
-    steps: Optional[str] = typer.Option(None, help="graphs to compile (default: all in the bundle)"),
+    steps: str | None = typer.Option(None, help="graphs to compile (default: all in the bundle)"),
     max_batch: int = typer.Option(256, help="largest batch the package accepts"),
 ) -> None:
     """Compile the bundle's generators with AOTInductor (torch.export, dynamic batch) into .pt2 packages."""
@@ -135,7 +133,7 @@ def triton(
     max_batch: int = typer.Option(32, help="max_batch_size of every model"),
     max_queue_delay_us: int = typer.Option(2000, help="dynamic batching window in microseconds"),
     instance_kind: str = typer.Option("auto", help="auto|cpu|gpu (auto: Triton's default placement)"),
-    engine: Optional[str] = typer.Option(None, help="TensorRT plan tag (<gpu>.trt<version>) when several exist"),
+    engine: str | None = typer.Option(None, help="TensorRT plan tag (<gpu>.trt<version>) when several exist"),
 ) -> None:
     """Write a Triton Inference Server model repository (serve it with `tritonserver --model-repository=OUT`)."""
     from .triton import write_triton_repository

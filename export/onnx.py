@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from quickstep.train.core.generator import ConsistencyGenerator, DenoiserGraph, HeunGenerator
 from quickstep.train.core.model import TrigFlowModel
 from quickstep.train.core.networks import UNetConfig
+from torch import nn
 
 SUPPORTED_OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 CONSISTENCY_STEPS: tuple[int, ...] = (1, 2)

@@ -6,7 +6,9 @@ plan bytes.  Strongly typed networks take their precision from the graph (TRT 11
 an fp16 bundle (exported with --fp16) gives fp16 engines and an fp32 bundle fp32 engines (TF32 off).
 
 Plans are tied to the GPU model and the TensorRT version, so each is named
-`<graph>.<gpu>.trt<version>.plan` and listed in manifest.json under graphs[key]["tensorrt"][<gpu>.trt<version>].
+`<graph>.<gpu>.trt<version>.plan`; manifest.json names the latest build in graphs[key]["tensorrt"] and every
+build in graphs[key]["tensorrt_plans"][<gpu>.trt<version>].  Profile 0 of each plan covers batch 1..max bucket
+(a plain execution context works for every batch); profiles 1..n are the per-bucket ones.
 The timing cache lives outside the bundle (default ~/.cache/quickstep/tensorrt/<gpu>.trt<version>.timing),
 since caches must not travel across GPU models.
 
@@ -25,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from .bundle import bundle_graph_specs, bundle_model, read_manifest, refresh_files
-from .onnx import GENERATOR_TOLERANCE, ExportError, GraphSpec, ParityError, example_inputs, max_error, ort_session
+from .onnx import (
+    GENERATOR_TOLERANCE,
+    ExportError,
+    GraphSpec,
+    ParityError,
+    example_inputs,
+    max_error,
+    ort_session,
+)
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 8, 32)
 WORKSPACE_BYTES = 2 << 30
@@ -68,16 +78,20 @@ def check_buckets(batches: Sequence[int]) -> tuple[int, ...]:
 
 
 def _profiles(spec: GraphSpec, buckets: Sequence[int]) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
-    """One profile per bucket: batch in (previous bucket, bucket], optimised for the bucket itself."""
-    out = []
+    """Profile 0 covers every batch in [1, largest bucket] (what a plain execution context uses); profile i >= 1
+    covers (bucket i-1, bucket i] and is optimised for bucket i."""
+    ranges = [(1, buckets[-1], buckets[-1])]
     lo = 1
     for b in buckets:
+        ranges.append((lo, b, b))
+        lo = b + 1
+    out = []
+    for mn, opt, mx in ranges:
         shapes = {}
         for s in spec.inputs:
             dims = [int(d) for d in s.shape[1:]]
-            shapes[s.name] = ((lo, *dims), (b, *dims), (b, *dims))
+            shapes[s.name] = ((mn, *dims), (opt, *dims), (mx, *dims))
         out.append(shapes)
-        lo = b + 1
     return out
 
 
@@ -115,8 +129,8 @@ def build_engine(trt, onnx_path: Path, spec: GraphSpec, buckets: Sequence[int], 
 
 
 class TensorRTRunner:
-    """Run a plan with torch CUDA buffers: pick the profile of the smallest bucket >= batch, set shapes and
-    addresses, execute_async_v3 on the current stream."""
+    """Run a plan with torch CUDA buffers: pick the profile of the smallest bucket >= batch (profiles 1..n), set
+    shapes and addresses, execute_async_v3 on a side stream."""
 
     def __init__(self, trt, plan: bytes, buckets: Sequence[int]):
         import torch
@@ -135,7 +149,7 @@ class TensorRTRunner:
         self.contexts = []
         for i in range(len(self.buckets)):
             ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(i, self.stream.cuda_stream)
+            ctx.set_optimization_profile_async(i + 1, self.stream.cuda_stream)
             self.contexts.append(ctx)
         self.stream.synchronize()
 
@@ -211,7 +225,9 @@ def export_tensorrt_bundle(bundle: str | Path, *, batches: Sequence[int] = DEFAU
         tmp = bundle / f".{filename}.tmp"
         tmp.write_bytes(plan)
         os.replace(tmp, bundle / filename)
-        manifest["graphs"][spec.key].setdefault("tensorrt", {})[tag] = filename
+        graph = manifest["graphs"][spec.key]
+        graph["tensorrt"] = filename  # the latest build; every GPU/TensorRT build stays in tensorrt_plans
+        graph.setdefault("tensorrt_plans", {})[tag] = filename
         manifest.setdefault("parity", {}).setdefault("tensorrt", {}).setdefault(tag, {})[spec.key] = entry
         results[spec.key] = {"file": filename, "bytes": len(plan), **entry}
     manifest.setdefault("tensorrt", {})[tag] = {"trt_version": trt.__version__, "batch_buckets": list(buckets),

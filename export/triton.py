@@ -178,7 +178,9 @@ def check_against_onnx(config, onnx_path: str | Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- writing
 def _plan_for(graph: dict[str, Any], engine: str | None) -> str:
-    plans = graph.get("tensorrt") or {}
+    plans = dict(graph.get("tensorrt_plans") or {})
+    if not plans and isinstance(graph.get("tensorrt"), str):
+        plans = {"default": graph["tensorrt"]}
     if not plans:
         raise ExportError("this bundle has no TensorRT plans; run `quickstep-export tensorrt --bundle B` on the "
                           "target GPU first, or use --backend onnxruntime")

@@ -65,8 +65,10 @@ def check_hashes(bundle: Path, manifest: dict[str, Any], report: VerifyReport) -
         rel = p.relative_to(bundle).as_posix()
         if p.is_file() and p.name != MANIFEST and rel not in files and not p.name.startswith("."):
             report.failures.append(f"{rel}: present in the bundle but not listed in {MANIFEST}")
-    referenced = [g.get(b) for g in (*manifest.get("graphs", {}).values(), manifest.get("denoiser") or {})
-                  for b in ("onnx", "aoti")] + list((manifest.get("torch") or {}).values())
+    graphs = [*manifest.get("graphs", {}).values(), manifest.get("denoiser") or {}]
+    referenced = [g.get(b) for g in graphs for b in ("onnx", "aoti", "tensorrt")]
+    referenced += [f for g in graphs for f in (g.get("tensorrt_plans") or {}).values()]
+    referenced += list((manifest.get("torch") or {}).values())
     for ref in referenced:
         if isinstance(ref, str) and ref not in files:
             report.failures.append(f"{ref}: referenced by {MANIFEST} but not in its files table")

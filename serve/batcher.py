@@ -7,7 +7,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ from .metrics import ServeMetrics
 log = logging.getLogger("quickstep.serve")
 
 RunFn = Callable[[int, list[np.ndarray], "np.ndarray | None"], np.ndarray]
-Disconnected = Callable[[], Awaitable[bool]]
+Disconnected = Callable[[], bool]  # True once the client has gone (a cheap flag check, no I/O)
 
 
 @dataclass(eq=False)
@@ -27,11 +27,11 @@ class Job:
     """One request's share of work: n images for one step count."""
 
     steps: int
-    noises: list[np.ndarray]  # each [n, C, H, W] float32
-    labels: np.ndarray | None  # [n] int64
+    noises: list[np.ndarray] = field(repr=False)  # each [n, C, H, W] float32
+    labels: np.ndarray | None = field(repr=False)  # [n] int64
     deadline: float  # loop.time() after which the result is useless
-    disconnected: Disconnected | None = None
-    future: asyncio.Future = field(default=None)  # type: ignore[assignment]
+    disconnected: Disconnected | None = field(default=None, repr=False)
+    future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
     enqueued: float = 0.0
 
     @property
@@ -56,6 +56,7 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._batch_s = 0.01  # moving average of a batch's compute time (for Retry-After)
+        self._outstanding = 0  # requests submitted and not yet answered (queued or running)
 
     @property
     def depth(self) -> int:
@@ -79,6 +80,7 @@ class MicroBatcher:
         job.future = loop.create_future()
         job.enqueued = loop.time()
         self._queue.append(job)
+        self._outstanding += 1
         self._m.queue_depth.labels(self.model).set(len(self._queue))
         self._wakeup.set()
         try:
@@ -88,6 +90,7 @@ class MicroBatcher:
             raise DeadlineExceeded(f"the request did not complete within its deadline "
                                    f"({(job.deadline - job.enqueued) * 1000:.0f} ms)") from None
         finally:
+            self._outstanding -= 1
             if not job.future.done():
                 job.future.cancel()
             self._discard(job)
@@ -128,7 +131,8 @@ class MicroBatcher:
                 await self._wakeup.wait()
                 continue
             head = self._queue[0]
-            window_end = head.enqueued + self.max_wait_s
+            # wait for partners only when other requests are in flight: a lone request runs at once
+            window_end = head.enqueued + (self.max_wait_s if self._outstanding > 1 else 0.0)
             while (not self._closing and self._ready_images(head.steps) < self.max_batch
                    and loop.time() < window_end and self._queue and self._queue[0] is head):
                 self._wakeup.clear()
@@ -146,6 +150,7 @@ class MicroBatcher:
         """Drop jobs whose caller gave up (deadline, cancellation) or whose client disconnected."""
         live = []
         now = loop.time()
+        await asyncio.sleep(0)  # let pending disconnect notifications land first
         for job in batch:
             if job.future.done():
                 continue
@@ -154,11 +159,7 @@ class MicroBatcher:
                 job.future.exception()  # mark retrieved: the waiter may already be gone
                 continue
             if job.disconnected is not None:
-                try:
-                    gone = await job.disconnected()
-                except Exception:  # noqa: BLE001 - a broken receive channel means the client is gone
-                    gone = True
-                if gone:
+                if job.disconnected():
                     self._m.dropped.labels(self.model, "client_disconnected").inc()
                     job.future.set_exception(ClientGone("client disconnected before its request ran"))
                     job.future.exception()

@@ -41,6 +41,7 @@ class ServeSettings(BaseSettings):
     verify_sha256: bool = Field(True, description="Check every bundle file against the manifest's sha256.")
     # backend tuning
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = runtime default).")
+    intra_op_spinning: bool = Field(False, description="Let onnxruntime's idle intra-op threads spin (burns CPU).")
     ort_tensorrt: bool = Field(False, description="Put onnxruntime's TensorRT provider ahead of CUDA.")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the generator.")
     torch_compile_mode: str = "default"

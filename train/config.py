@@ -217,6 +217,10 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
         if not isinstance(table, dict):
             raise ConfigError(f"objectives.{name} must be a table of {OBJECTIVES[name].config_cls.__name__} fields")
         objectives[name] = _build(OBJECTIVES[name].config_cls, table, f"objectives.{name}")
+        try:  # objectives validate their own values at construction
+            OBJECTIVES[name].factory(objectives[name])
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"objectives.{name}: {e}") from e
     if not objectives:
         raise ConfigError(f"no objective configured; add one of: {', '.join(sorted(OBJECTIVES))}")
     if "stf" in objectives and "diffusion" in objectives:

@@ -56,7 +56,7 @@ class TrainResult:
 def find_checkpoint(path: str | Path) -> Path:
     """`path` if it is a checkpoint directory, else the latest `step-*` checkpoint inside a run directory."""
     path = Path(path)
-    if (path / ckpt.CONFIG).exists():
+    if (path / ckpt.CONFIG).exists() and (path / ckpt.WEIGHTS).exists():
         return path
     if path.is_dir():
         cands = sorted((p for p in path.iterdir() if re.fullmatch(rf"{CKPT_PREFIX}\d+", p.name) and
@@ -207,8 +207,22 @@ class Trainer:
         self.data_x = dataset.x.to(self.device)
         self.data_y = dataset.y.to(self.device) if dataset.y is not None else None
 
+        # [issue 4] students (sCD, Direct CM, CD) start as the teacher's EMA with a fresh logvar head
+        self.teacher: TrigFlowModel | None = None
+        if teacher is not None:
+            self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
+            self.teacher.eval().requires_grad_(False)
+        init_from_teacher = (self.teacher is not None and not cfg.init_from and resume is None and any(
+            getattr(get_objective_spec(n).factory, "init_from_teacher", False) for n in cfg.objectives))
+
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
-        if cfg.init_from:
+        if init_from_teacher:
+            from .losses.scm import init_student_from_teacher
+
+            self.model = init_student_from_teacher(copy.deepcopy(self.teacher), self.teacher).requires_grad_(True)
+            if tuple(self.model.sample_shape) != tuple(self.spec.shape):
+                raise ValueError(f"teacher model samples {self.model.sample_shape}, data are {self.spec.shape}")
+        elif cfg.init_from:
             self.model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
             if tuple(self.model.sample_shape) != tuple(self.spec.shape):
                 raise ValueError(f"init_from model samples {self.model.sample_shape}, data are {self.spec.shape}")
@@ -226,12 +240,8 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
         self.objectives = {name: build_objective(name, c) for name, c in cfg.objectives.items()}
-        self.teacher: TrigFlowModel | None = None
         needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
-        if teacher is not None:
-            self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
-            self.teacher.eval().requires_grad_(False)
-        elif needs:
+        if self.teacher is None and needs:
             raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR")
 
         # shared generators (identical on every rank) and the per-rank global RNG (dropout only)
@@ -240,6 +250,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
         self.step = 0
+        self.skipped_steps = 0  # optimizer updates skipped at an objective's request (see train_step)
         if resume is not None:
             self._load(find_checkpoint(resume))
         elif self.world_size > 1:
@@ -331,13 +342,19 @@ class Trainer:
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm} (not finite) although every "
                                      f"loss term ({', '.join(names)}) is finite; stopping.")
-        self.optimizer.step()
+        # [issue 4] an objective may ask to skip the update (sCM: non-finite tangent); any rank asking skips all
+        skip = "skip_step" in metric_names and vals[len(names) + metric_names.index("skip_step")] > 0
+        if skip:
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         self._update_ema()
         self.step += 1
         out = dict(zip(names + metric_names, vals, strict=True))
         out["loss"] = float(sum(vals[: len(names)]))
         out["grad_norm"] = grad_norm
         out["lr"] = lr
+        out["skipped_steps"] = float(self.skipped_steps)
         return out
 
     @torch.no_grad()
@@ -412,7 +429,13 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 12345)
         noise = torch.randn((n, *self.ema.sample_shape), generator=g, device=self.device)
         labels = (torch.arange(n, device=self.device) % self.ema.num_classes) if self.ema.num_classes > 0 else None
-        x = heun_teacher_sample(self.ema, noise, num_steps=self.cfg.log.sample_steps, class_labels=labels)
+        if any(getattr(o, "sampler", "heun") == "consistency" for o in self.objectives.values()):
+            # [issue 4] consistency students: 1-step samples (sCM Alg. 1) instead of a Heun solve
+            from .core.sampling import sample_consistency
+
+            x = sample_consistency(self.ema, self.ema.sigma_data * noise, steps=1, class_labels=labels)
+        else:
+            x = heun_teacher_sample(self.ema, noise, num_steps=self.cfg.log.sample_steps, class_labels=labels)
         return save_samples_png(x, path)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -423,7 +446,7 @@ class Trainer:
         is_main = self.rank == 0
         if is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            (self.out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         writer = None
         if is_main and cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard imports slowly

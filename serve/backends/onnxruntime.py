@@ -55,6 +55,9 @@ class OnnxRuntimeBackend(Backend):
         if self.settings.intra_op_threads:
             opts.intra_op_num_threads = self.settings.intra_op_threads
         opts.log_severity_level = 3
+        if not self.settings.intra_op_spinning:
+            # idle intra-op threads sleep instead of spinning: the CPU they would burn serves HTTP instead
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for steps in self.bundle.steps_supported:
             path = self.bundle.graph_file(steps, "onnx", "ONNX generator")
             try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
@@ -15,6 +18,26 @@ router = APIRouter(tags=["generate"])
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503, 504)}
 _RAW = {v: k for k, v in MIME.items()}
+
+
+@contextlib.asynccontextmanager
+async def disconnect_watch(request: Request) -> AsyncIterator[asyncio.Event]:
+    """An Event set when the client disconnects (the body is already read, so the next ASGI message is the
+    disconnect); the batcher drops the request's work before it runs if it is set."""
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                return
+
+    task = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield gone
+    finally:
+        task.cancel()
 
 
 def raw_format(accept: str | None) -> str | None:
@@ -44,8 +67,9 @@ async def generate(body: GenerateRequest, request: Request, accept: str | None =
             raise InvalidRequest(f"n: a raw image response (Accept: {MIME[fmt]}) holds one image; got n={body.n}. "
                                  "Ask for application/json to get several")
         body = body.model_copy(update={"format": fmt})
-    res = await service.generate(body, timeout_s=None if x_timeout_ms is None else x_timeout_ms / 1000.0,
-                                 disconnected=request.is_disconnected)
+    async with disconnect_watch(request) as gone:
+        res = await service.generate(body, timeout_s=None if x_timeout_ms is None else x_timeout_ms / 1000.0,
+                                     disconnected=gone.is_set)
     if fmt is not None:
         headers = {"X-Seed": str(res.seed), "X-Model": res.model, "X-Steps": str(res.steps),
                    "X-Latency-Ms": f"{res.latency_ms:.3f}"}

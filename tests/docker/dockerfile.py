@@ -136,6 +136,18 @@ def final_stage(path: Path) -> Stage:
     return parse(path)[-1]
 
 
+def healthcheck_argv(stage: Stage) -> list[str]:
+    """The exec-form command of the stage's HEALTHCHECK (`HEALTHCHECK [options] CMD [...]`)."""
+    (check,) = stage.all("HEALTHCHECK")
+    _, sep, cmd = check.args.partition("CMD ")
+    if not sep:
+        raise ValueError(f"HEALTHCHECK on line {check.line} has no CMD")
+    value = json.loads(cmd)
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"HEALTHCHECK on line {check.line} is not in exec form")
+    return value
+
+
 def command_line(stage: Stage) -> list[str]:
     """What `docker run IMAGE` executes: ENTRYPOINT + CMD (exec form)."""
     return stage.exec_form("ENTRYPOINT") + stage.exec_form("CMD")

@@ -29,6 +29,16 @@ def k8s() -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
+def _mounts(volumes: list[str]) -> dict[str, str]:
+    """Short-syntax compose volumes -> {container path: source} (`${VAR:-default}` sources kept whole)."""
+    out = {}
+    for v in volumes:
+        m = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::(ro|rw))?", v)
+        assert m, f"cannot read volume {v!r}"
+        out[m.group(2)] = m.group(1)
+    return out
+
+
 def _health_test(check: dict) -> str:
     test = check["test"]
     return " ".join(test) if isinstance(test, list) else test
@@ -50,7 +60,7 @@ def test_compose_serve_replicas(compose: dict) -> None:
 def test_compose_load_balancer(compose: dict) -> None:
     lb = compose["services"]["lb"]
     assert lb["image"].startswith("nginx:") and lb["depends_on"]["serve"]["condition"] == "service_healthy"
-    mounts = {m.split(":")[1]: m.split(":")[0] for m in lb["volumes"]}
+    mounts = _mounts(lb["volumes"])
     conf_path = DOCKER / mounts["/etc/nginx/nginx.conf"]
     conf = conf_path.read_text()
     (listen,) = re.findall(r"^\s*listen\s+(\d+);", conf, re.M)
@@ -67,7 +77,7 @@ def test_compose_load_balancer(compose: dict) -> None:
 
 def test_compose_prometheus_scrapes_every_replica(compose: dict) -> None:
     prom = compose["services"]["prometheus"]
-    mounts = {m.split(":")[1]: m.split(":")[0] for m in prom["volumes"]}
+    mounts = _mounts(prom["volumes"])
     cfg = yaml.safe_load((DOCKER / mounts["/etc/prometheus/prometheus.yml"]).read_text())
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     job = jobs["quickstep"]
@@ -86,13 +96,20 @@ def test_compose_triton_profile(compose: dict) -> None:
     export = services["triton-export"]
     argv = export["entrypoint"] + export["command"]
     assert argv[:2] == ["quickstep-export", "triton"]
-    assert argv[argv.index("--bundle") + 1] == "/bundle" and argv[argv.index("--out") + 1] == "/models"
+    assert argv[argv.index("--bundle") + 1] == "/bundle"
+    out = argv[argv.index("--out") + 1]
+    export_mounts = _mounts(export["volumes"])
+    assert "/bundle" in export_mounts
+    (mount,) = [m for m in export_mounts if out.startswith(m + "/")]
+    assert out != mount, "an atomic directory write cannot rename onto a volume's mount point"
     triton = services["triton"]
     assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and not triton["image"].endswith(":latest")
-    assert "--model-repository=/models" in triton["command"]
+    (repo_flag,) = [c for c in triton["command"] if c.startswith("--model-repository=")]
+    triton_mounts = _mounts(triton["volumes"])
+    t_mount = next(m for m in triton_mounts if repo_flag.split("=", 1)[1].startswith(m + "/"))
+    assert triton_mounts[t_mount] == export_mounts[mount], "Triton reads the volume the export step writes"
+    assert repo_flag.split("=", 1)[1][len(t_mount):] == out[len(mount):], "... at the same place in it"
     assert triton["depends_on"]["triton-export"]["condition"] == "service_completed_successfully"
-    assert {v.split(":")[0] for v in triton["volumes"]} & {v.split(":")[0] for v in export["volumes"]}, \
-        "Triton reads the repository the export step writes"
     assert "/v2/health/ready" in _health_test(triton["healthcheck"])
     (gpu,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["capabilities"] == ["gpu"]
@@ -103,8 +120,7 @@ def test_compose_files_referenced_exist(compose: dict) -> None:
         build = service.get("build")
         if build:
             assert (DOCKER / build["context"] / build["dockerfile"]).is_file(), name
-        for volume in service.get("volumes", []):
-            src = volume.split(":")[0]
+        for src in _mounts(service.get("volumes", [])).values():
             if src.startswith("./"):
                 assert (DOCKER / src).is_file(), f"{name}: {src} does not exist"
 

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,11 @@ from packaging.utils import canonicalize_name
 from tests.docker.dockerfile import DOCKER, DOCKERFILES, REPO, command_line, final_stage, global_args, parse
 
 VENV_BIN = Path(sys.executable).parent
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
 
 
 def tool(name: str) -> str:
@@ -103,7 +107,7 @@ def test_image_contract(name: str) -> None:
     assert users, "the final stage must switch to an unprivileged user"
     user = users[-1].args.split(":")[0]
     assert user.isdigit() and int(user) >= 1000, "a numeric non-root UID lets Kubernetes verify runAsNonRoot"
-    assert [s for s, *_ in final.copies() if "--from=build" in _[-1]], "the runtime stage copies the built venv"
+    assert (["/opt/venv"], "/opt/venv", ["--from=build"]) in final.copies(), "the runtime stage copies the built venv"
     for key in final.env():
         assert not re.search(r"KEY|SECRET|TOKEN|PASSWORD", key), f"{key}: secrets never go into an image"
 
@@ -128,7 +132,7 @@ def test_quickstep_env_names_are_server_settings() -> None:
 
     fields = {f"QUICKSTEP_{f.upper()}" for f in ServeSettings.model_fields}
     entrypoint_own = set(re.findall(r"QUICKSTEP_[A-Z_]+", (DOCKER / "gpu-entrypoint.sh").read_text())) - fields
-    train_own = {"QUICKSTEP_RUNS"}
+    train_own: set[str] = set()
     texts = {p.name: p.read_text() for p in [*DOCKERFILES.values(), DOCKER / "compose.yaml",
                                               DOCKER / "k8s" / "quickstep.yaml"]}
     for fname, text in texts.items():
@@ -158,7 +162,7 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
 
     assert excluded(".venv/bin/python") and excluded("tests/conftest.py") and excluded("runs/x/model.safetensors")
     assert excluded("serve/__pycache__/app.cpython-311.pyc")
-    for name, path in DOCKERFILES.items():
+    for path in DOCKERFILES.values():
         for stage in parse(path):
             for sources, _, flags in stage.copies():
                 if any(f.startswith("--from=") for f in flags):
@@ -182,6 +186,8 @@ def _lock(path: Path) -> dict[str, str]:
 
 def test_serve_lock_pins_exactly_the_serve_extra() -> None:
     """requirements-serve.txt pins every base + serve requirement (versions allowed by pyproject), no torch."""
+    if tomllib is None:
+        pytest.skip("reading pyproject.toml needs Python >= 3.11 (tomllib)")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = _lock(DOCKER / "requirements-serve.txt")
     for line in project["dependencies"] + project["optional-dependencies"]["serve"]:
@@ -213,3 +219,49 @@ def test_pin_requirements_script_reproduces_serve_top_level() -> None:
     generated = {canonicalize_name(Requirement(x).name) for x in r.stdout.splitlines() if x and not x.startswith("#")}
     assert {"fastapi", "uvicorn", "onnxruntime", "gradio", "pydantic-settings"} <= generated
     assert "torch" not in generated
+
+
+def _emulate_copies(path: Path, root: Path) -> Path:
+    """Copy what the build stage's COPY instructions copy (honouring .dockerignore's cache patterns) into
+    `root`; return the stage's WORKDIR there."""
+    stage = parse(path)[0]
+    (workdir,) = [i.args for i in stage.all("WORKDIR")]
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+    for sources, dest, flags in stage.copies():
+        assert not flags, f"unexpected COPY flags {flags} in the build stage"
+        target = root / (dest.lstrip("/") if dest.startswith("/") else f"{workdir.lstrip('/')}/{dest}")
+        for src in sources:
+            s = REPO / src
+            if s.is_dir():
+                shutil.copytree(s, target if not dest.endswith("/") or len(sources) == 1 else target / s.name,
+                                ignore=ignore, dirs_exist_ok=True)
+            else:
+                (target if dest.endswith("/") else target.parent).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(s, target / s.name if dest.endswith("/") else target)
+    return root / workdir.lstrip("/")
+
+
+def test_build_stage_sources_make_a_complete_wheel(tmp_path: Path) -> None:
+    """The CPU build stage's `pip install --no-deps --no-build-isolation .`, run here on exactly the files its
+    COPY lines bring in: the wheel builds and holds every package, the console scripts and the bundled model."""
+    src = _emulate_copies(DOCKERFILES["Dockerfile"], tmp_path / "ctx")
+    assert (tmp_path / "ctx" / "tmp" / "requirements-serve.txt").is_file()
+    out = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-w", str(out), str(src)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = out.glob("quickstep-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("quickstep/serve/cli.py", "quickstep/serve/app.py", "quickstep/serve/backends/onnxruntime.py",
+                   "quickstep/train/core/model.py", "quickstep/client/__init__.py", "quickstep/export/__init__.py"):
+        assert module in names, f"{module} is missing from the image's wheel"
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "quickstep-serve = quickstep.serve.cli:main" in entry_points
+    assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
+    bundled = REPO / "serve" / "bundled"
+    shipped = sorted(p.relative_to(REPO / "serve").as_posix() for p in bundled.rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts) if bundled.is_dir() else []
+    missing = [f for f in shipped if f"quickstep/serve/{f}" not in names]
+    assert not missing, f"bundled model files missing from the wheel (package data): {missing}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.docker.dockerfile import DOCKERFILES, REPO, Stage, command_line, final_stage
+from tests.docker.dockerfile import DOCKERFILES, REPO, Stage, command_line, final_stage, healthcheck_argv
 from tests.helpers import free_port, tiny_checkpoint
 
 VENV_BIN = Path(sys.executable).parent
@@ -107,6 +107,13 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = REA
     pytest.fail(f"/health/ready was not 200 within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def healthcheck(stage: Stage, env: dict[str, str]) -> int:
+    """Exit status of the image's HEALTHCHECK command run here with the container's environment."""
+    argv = healthcheck_argv(stage)
+    argv[0] = shutil.which(argv[0], path=str(VENV_BIN)) or argv[0]
+    return subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode
+
+
 def test_cpu_image_entrypoint_serves_ready(tiny_bundle: Path, tmp_path: Path) -> None:
     """docker/Dockerfile: `quickstep-serve --host 0.0.0.0` with the image's QUICKSTEP_* reaches ready."""
     stage = final_stage(DOCKERFILES["Dockerfile"])
@@ -127,6 +134,8 @@ def test_cpu_image_entrypoint_serves_ready(tiny_bundle: Path, tmp_path: Path) ->
         r = httpx.post(f"{url}/v1/generate", json={"n": 2, "seed": 3}, timeout=30)
         assert r.status_code == 200, r.text
         assert len(r.json()["images"]) == 2
+        assert healthcheck(stage, env) == 0, "HEALTHCHECK must pass on a ready server"
+    assert healthcheck(stage, env) != 0, "HEALTHCHECK must fail when nothing answers"
 
 
 def test_gpu_image_entrypoint_falls_back_to_onnxruntime_without_gpu(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -146,5 +155,77 @@ def test_gpu_image_entrypoint_falls_back_to_onnxruntime_without_gpu(tiny_bundle:
         models = httpx.get(f"{url}/v1/models", timeout=5).json()["models"]
         assert [m["name"] for m in models] == [bundle_name(tiny_bundle)]
         assert models[0]["backend"].startswith("onnxruntime"), models[0]["backend"]
+        assert healthcheck(stage, env) == 0
     assert "serving with onnxruntime instead of tensorrt" in log.read_text()
     assert not cache.exists() or not any(cache.iterdir()), "no engine may be built without a GPU"
+
+
+def test_train_image_default_command_is_valid() -> None:
+    """docker/Dockerfile.train's CMD parses with quickstep-train's own parser and names a shipped preset."""
+    from quickstep.train.cli import build_parser
+    from quickstep.train.config import list_presets
+
+    argv = command_line(final_stage(DOCKERFILES["Dockerfile.train"]))
+    i = argv.index("quickstep.train.cli")
+    assert argv[:i] == ["torchrun", "-m"], "torchrun runs the CLI module; its options come from PET_* variables"
+    args = build_parser().parse_args(argv[i + 1:])
+    assert args.command == "fit" and args.preset in list_presets()
+    assert args.out.startswith("/runs/"), "runs land in the image's /runs volume"
+
+
+@pytest.mark.slow  # ~13 s on 2 cores: three processes import torch
+def test_train_image_entrypoint_runs_ddp(tmp_path: Path) -> None:
+    """`torchrun -m quickstep.train.cli` with the image's PET_* environment trains with 2 processes (gloo)."""
+    stage = final_stage(DOCKERFILES["Dockerfile.train"])
+    env = stage.env()
+    assert env["PET_NPROC_PER_NODE"] == "auto" and env["PET_NNODES"] == "1"
+    entry = stage.exec_form("ENTRYPOINT")
+    exe = shutil.which(entry[0], path=str(VENV_BIN))
+    assert exe, f"{entry[0]} is not installed in {VENV_BIN}"
+    out = tmp_path / "run"
+    # what a user would pass: `docker run -e PET_NPROC_PER_NODE=2 IMAGE fit ...` (a tiny run instead of the CMD);
+    # PET_MASTER_PORT only keeps parallel test runs on this shared host apart
+    argv = [exe, *entry[1:], "fit", "--preset", "gmm2d-plain", "--out", str(out), "--steps", "2",
+            "--set", "data.options.n=512", "--set", "log.sample_every=0"]
+    full_env = host_env(stage, PET_NPROC_PER_NODE="2", PET_MASTER_PORT=str(free_port()))
+    full_env.pop("OMP_NUM_THREADS", None)  # torchrun then announces that it starts several workers
+    r = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("trained 2 steps") == 1, "only rank 0 reports"
+    assert "for each process" in r.stderr, "torchrun started more than one worker"
+    assert (out / "step-0000002" / "model.safetensors").is_file()
+
+
+def _to_host(arg: str, mounts: dict[str, Path]) -> str:
+    """Rewrite a container path under one of `mounts` (container path -> host directory) to the host path."""
+    for inside in sorted(mounts, key=len, reverse=True):
+        if arg == inside or arg.startswith(inside + "/"):
+            return str(mounts[inside]) + arg[len(inside):]
+    return arg
+
+
+def test_compose_triton_export_writes_the_repository_triton_serves(tiny_bundle: Path, tmp_path: Path) -> None:
+    """compose's `triton-export` command (entrypoint + command, its volumes as host directories) writes a
+    Triton model repository exactly where the `triton` service's --model-repository points."""
+    import yaml
+    from quickstep.export.cli import app
+    from typer.testing import CliRunner
+
+    services = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]
+    export, triton = services["triton-export"], services["triton"]
+    volume = tmp_path / "triton-repo"  # the named volume both services mount
+    volume.mkdir()
+    mounts = {"/bundle": tiny_bundle, next(v.split(":")[1] for v in export["volumes"] if v.startswith("triton-repo:")):
+              volume}
+    argv = [_to_host(a, mounts) for a in export["entrypoint"] + export["command"]]
+    assert argv[0] == "quickstep-export" and shutil.which("quickstep-export", path=str(VENV_BIN))
+    result = CliRunner().invoke(app, argv[1:])  # the console script's own typer app, in this process
+    assert result.exit_code == 0, result.output
+    t_mounts = {v.split(":")[1]: volume for v in triton["volumes"] if v.startswith("triton-repo:")}
+    (flag,) = [c for c in triton["command"] if c.startswith("--model-repository=")]
+    repo = Path(_to_host(flag.split("=", 1)[1], t_mounts))
+    name = bundle_name(tiny_bundle)
+    model_dir = repo / f"{name}_1step"
+    assert (model_dir / "1" / "model.onnx").is_file(), sorted(p.name for p in repo.iterdir())
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "dynamic_batching" in config

@@ -40,3 +40,14 @@ def dm_bundle(dm_ckpt: Path, export_root: Path) -> Path:
     from quickstep.export.bundle import export_bundle
 
     return export_bundle(dm_ckpt, export_root / "bundles" / "dm", heun_steps=(2,))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription (8x faster here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

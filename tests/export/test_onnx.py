@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from quickstep.export.bundle import MANIFEST, detect_kind, export_bundle, read_manifest, sha256_file
 from quickstep.export.onnx import ExportError, ParityError, ort_session
 from quickstep.train.core.checkpoint import load_model, save_checkpoint

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from typer.testing import CliRunner
-
 from quickstep.export.cli import app
 from quickstep.export.onnx import ExportError
 from quickstep.export.triton import check_against_onnx, parse_model_config, write_triton_repository
+from typer.testing import CliRunner
 
 
 def test_repository_layout_and_configs(cm_bundle: Path, tmp_path: Path) -> None:

@@ -6,11 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from quickstep.export.bundle import read_manifest
 from quickstep.export.cli import app
 from quickstep.export.verify import verify_bundle
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

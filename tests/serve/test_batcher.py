@@ -103,7 +103,7 @@ def test_backend_failure_fails_only_its_batch():
 def test_queue_bound_deadline_and_disconnect():
     rec = Recorder(delay=0.2)
 
-    async def gone() -> bool:
+    def gone() -> bool:
         return True
 
     async def main():

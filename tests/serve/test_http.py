@@ -214,3 +214,33 @@ def test_gradio_ui(server):
     api = post(server, {"seed": 7, "steps": 2, "class_label": 3, "n": 2}).json()["images"][0]["b64"]
     small = np.asarray(decode(api))
     assert np.array_equal(np.asarray(img.convert("L"))[::16, ::16], small)
+
+
+WEIRD = [None, True, -1, 0, 2**70, 1.0, 1.5, float("inf"), "", "1", "png", [], [1], {}, {"a": 1}, "x" * 300]
+
+
+def test_no_client_input_yields_500(server):
+    """Every field x a set of hostile values, plus odd headers: only 200 or a 4xx JSON error, never 5xx."""
+    fields = ["model", "n", "steps", "seed", "class_label", "format", "scale"]
+    bodies = [{f: v} for f in fields for v in WEIRD]
+    headers = [{"Accept": "image/webp"}, {"Accept": "image/*"}, {"Accept": "text/html"},
+               {"X-Timeout-Ms": "-5"}, {"X-Timeout-Ms": "1e12"}, {"X-Timeout-Ms": "nan"},
+               {"Content-Type": "text/plain"}]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        results = [(b, {}, c.post("/v1/generate", content=_json(b), headers={"Content-Type": "application/json"}))
+                   for b in bodies]
+        results += [({"seed": 1}, h, c.post("/v1/generate", content=b'{"seed": 1}',
+                                            headers={"Content-Type": "application/json", **h})) for h in headers]
+        results += [(None, {}, c.get(p)) for p in ("/v1/models/%00", "/v1/models/" + "a" * 1000, "/v1/generate")]
+    for body, h, r in results:
+        assert r.status_code < 500, (body, h, r.status_code, r.text)
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"code", "message"}, (body, r.text)
+    webp = next(r for b, h, r in results if h.get("Accept") == "image/webp")
+    assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
+
+
+def _json(body) -> bytes:
+    import json
+
+    return json.dumps(body, allow_nan=True).encode()

@@ -66,3 +66,28 @@ def test_504_deadline(server):
     assert time.perf_counter() - t0 < 5
     # the server still answers normally afterwards
     assert httpx.post(server.url + "/v1/generate", json={}, headers=AUTH).status_code == 200
+
+
+def test_disconnected_client_is_dropped_before_running(bundle_dir):
+    """A request whose client closed its connection while queued never reaches the backend."""
+    import socket
+
+    from .test_http import metric_samples
+
+    with serve(bundle=[bundle_dir], max_batch=1, max_wait_ms=0, max_queue=64) as s:
+        with ThreadPoolExecutor(8) as ex:
+            futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 16, "steps": 2, "seed": i}, timeout=60)
+                    for i in range(8)]
+            time.sleep(0.05)
+            body = b'{"seed": 99}'
+            with socket.create_connection(("127.0.0.1", s.port)) as sock:
+                sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert all(f.result().status_code == 200 for f in futs)
+        time.sleep(0.2)
+        samples = metric_samples(s)
+        dropped = [x for x in samples.get("quickstep_requests_dropped_total", [])
+                   if x.labels["reason"] == "client_disconnected"]
+        runs = sum(x.value for x in samples["quickstep_backend_runs_total"])
+    assert dropped and dropped[0].value == 1
+    assert runs == 8

@@ -42,19 +42,19 @@ def test_edm_grid_endpoints_and_monotone():
     assert bool((grid[1:] < grid[:-1]).all())
 
 
-@pytest.mark.parametrize("sigma", [0.2, 0.6, 1.5])
-def test_cp_is_zero_for_exact_denoiser_and_positive_for_a_perturbed_one(sigma):
-    g = torch.Generator().manual_seed(int(sigma * 100))
-    n, steps = 20_000, 8
-    _, x, s = _noisy(n, sigma, g)
-    delta = 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
-    n1 = torch.randn(steps, n, 2, generator=g, dtype=torch.float64)
-    n2 = torch.randn(steps, n, 2, generator=g, dtype=torch.float64)
+def test_cp_is_zero_for_exact_denoiser_and_positive_for_a_perturbed_one():
+    g = torch.Generator().manual_seed(0)
+    n, steps = 8000, 6
+    xs, ss = zip(*[_noisy(n, sigma, g)[1:] for sigma in (0.2, 1.5)], strict=True)
+    x, s = torch.cat(xs), torch.cat(ss)
+    delta = 0.5 * torch.rand(2 * n, generator=g, dtype=torch.float64)  # a long horizon makes the bias visible
+    n1 = torch.randn(steps, 2 * n, 2, generator=g, dtype=torch.float64)
+    n2 = torch.randn(steps, 2 * n, 2, generator=g, dtype=torch.float64)
     exact = cp_estimate(_exact_denoise, x, s, delta, n1, n2, chain_steps=steps)
     bad = cp_estimate(_shifted_denoise, x, s, delta, n1, n2, chain_steps=steps)
-    se_exact, se_bad = exact.std() / math.sqrt(n), bad.std() / math.sqrt(n)
+    se_exact, se_bad = exact.std() / math.sqrt(2 * n), bad.std() / math.sqrt(2 * n)
     assert abs(exact.mean()) < 4 * se_exact  # unbiased estimate of ||E[D(x')|x] - D(x)||^2 = 0
-    assert bad.mean() > 5 * se_bad and bad.mean() > 5 * abs(exact.mean())
+    assert bad.mean() > 6 * se_bad and bad.mean() > 5 * abs(exact.mean())
 
 
 def test_cp_gradients_flow_into_both_denoiser_calls_but_not_the_chains():
@@ -100,9 +100,12 @@ def test_hutchinson_divergence_is_unbiased():
     x = x.requires_grad_(True)
     sc = MIX.score(x, s)
     exact = divergence(sc, x)
-    probes = torch.where(torch.rand(400, 64, 2, generator=g) < 0.5, -1.0, 1.0).double()
-    est = torch.stack([divergence(sc, x, probe=p) for p in probes]).mean(0)
-    assert torch.allclose(est, exact, atol=0.08 * exact.abs().mean().item())
+    probes = torch.where(torch.rand(200, 64, 2, generator=g) < 0.5, -1.0, 1.0).double()
+    est = torch.stack([divergence(sc, x, probe=p) for p in probes])  # [200, 64]
+    err = (est.mean(0) - exact).detach()
+    assert err.abs().mean() < 4 * (est.std(0) / math.sqrt(200)).mean()  # within Monte-Carlo error
+    single = (est[0] - exact).abs().mean()
+    assert err.abs().mean() < single / 5  # and it averages out
 
 
 # ----------------------------------------------------------------------------------------------- STF
@@ -122,11 +125,11 @@ def test_stf_target_tends_to_the_dsm_target_as_sigma_vanishes():
     refs = MIX.sample(512, g)
     x0 = refs[:16]  # the batch is the head of the reference set
     errs = []
-    for sigma in (1.0, 0.1, 0.01):
+    for sigma in (1.0, 0.1, 0.01, 0.001):
         s = torch.full((16,), sigma)
         x = x0 + sigma * torch.randn(16, 2, generator=g)
         errs.append((stf_targets(x, s, refs) - x0).norm(dim=1).mean().item())
-    assert errs[2] < 1e-3 < errs[0] and errs[0] > errs[1] > errs[2]
+    assert errs[-1] < 1e-4 and errs[0] > 0.1 and errs == sorted(errs, reverse=True)
 
 
 def test_stf_target_approaches_the_exact_posterior_mean_for_many_references():
@@ -146,10 +149,6 @@ def test_stf_restricts_references_to_the_same_class():
 
 
 # ----------------------------------------------------------------------------------------------- composition
-class _TinyModel(torch.nn.Module):
-    """A TrigFlowModel from core, small MLP."""
-
-
 def _ctx(b: int, step: int = 0, *, refs: Batch | None = None, batch: Batch):
     return StepContext(step=step, total_steps=10, generator=torch.Generator().manual_seed(0),
                        device=torch.device("cpu"), references=(lambda n: refs) if refs else None,

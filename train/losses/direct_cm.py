@@ -111,6 +111,7 @@ class _GridDistillation:
     name = "direct_cm"
     needs_teacher = True
     init_from_teacher = True  # start the student from the teacher's EMA (same architecture)
+    sampler = "consistency"  # the trainer's sample grid uses 1-step consistency sampling
     max_level_offset = 0  # levels are 0..N-1-max_level_offset
 
     def __init__(self, config: DirectCMConfig):

@@ -258,6 +258,7 @@ class _SCMBase:
     name = "scm"
     needs_teacher = False
     init_from_teacher = False
+    sampler = "consistency"  # the trainer's sample grid uses 1-step consistency sampling
 
     def __init__(self, config: SCMConfig):
         self.config = config

@@ -179,3 +179,17 @@ def test_malicious_state_refused(tmp_path, ckpt):
     (ckpt / STATE).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointCorruptError):
         load_state(ckpt)
+
+
+@pytest.mark.parametrize("kind,num_classes", [("consistency", 0), ("diffusion", 10)])
+def test_tiny_checkpoint_helper(tmp_path, kind, num_classes):
+    d = tiny_checkpoint(tmp_path, kind=kind, num_classes=num_classes)
+    cfg = load_config(d)
+    assert cfg["kind"] == kind and cfg["data"]["num_classes"] == num_classes
+    model = load_model(d)
+    assert model.num_classes == num_classes and model.sample_shape == (1, 8, 8)
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8), torch.tensor([0.5, 1.0]))
+    assert float(out.std()) > 1e-2  # the zero-initialised output layers were perturbed
+    with pytest.raises(ValueError, match="kind"):
+        tiny_checkpoint(tmp_path, kind="gan")

@@ -1,0 +1,207 @@
+"""`quickstep-train`: fit a model from a TOML preset, sample from a checkpoint, list presets.
+
+    quickstep-train fit --preset gmm2d-plain --out runs/gmm [--data x.npz] [--set optim.lr=2e-4 ...]
+                        [--steps N] [--resume DIR] [--teacher DIR] [--dry-run]
+    quickstep-train sample --ckpt runs/gmm [--sampler heun|euler|sde|consistency] [--steps 18] -n 64
+                        [--class K] [--seed S] --out grid.png
+    quickstep-train presets
+
+Bad input (unknown preset, key or value, missing checkpoint) prints one clear line and exits with code 2.
+Other stages add sub-commands: a module `quickstep.train.eval.cli` exposing `register(subparsers)` is picked
+up automatically (it adds parsers whose `func(args) -> int` runs the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+SAMPLERS = ("heun", "euler", "sde", "consistency")
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+def _fail(msg: str) -> int:
+    print(f"quickstep-train: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# ----------------------------------------------------------------------------------------------- fit
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .config import build_config, load_preset
+    from .core.checkpoint import CheckpointError
+    from .loop import NonFiniteLossError, Trainer, config_from_checkpoint
+
+    if args.resume:
+        if args.preset or args.data or args.set:
+            raise UsageError("--resume continues a run with its saved config; do not combine it with "
+                             "--preset/--data/--set (only --steps may extend the run)")
+        cfg = config_from_checkpoint(args.resume)
+    else:
+        if not args.preset:
+            from .config import list_presets
+
+            raise UsageError(f"--preset is required; valid presets: {', '.join(list_presets())}")
+        cfg = load_preset(args.preset, args.set or [], data_path=args.data)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    cfg = build_config(cfg.to_dict())
+    if args.dry_run:
+        from .config import model_config
+        from .data import load_dataset
+
+        d = cfg.data
+        ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
+                          **dict(d.options))
+        mc = model_config(cfg, ds.spec)
+        from .core.model import build_model
+
+        n_params = sum(p.numel() for p in build_model(mc).parameters())
+        print(json.dumps({"train": cfg.to_dict(), "data": ds.spec.to_dict(), "num_samples": len(ds),
+                          "model": mc.to_dict(), "parameters": n_params}, indent=2, default=str))
+        return 0
+    out = Path(args.out)
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume, teacher=args.teacher)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from e
+    try:
+        result = trainer.fit()
+    except NonFiniteLossError as e:
+        print(f"quickstep-train: training stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(f"trained {result.step} steps; last checkpoint: {result.checkpoint}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- sample
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .core import checkpoint as ckpt
+    from .core.sampling import karras_sigmas, sample_consistency, sample_euler, sample_heun, sample_sde
+    from .loop import find_checkpoint, save_samples_png
+
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    try:
+        model = ckpt.load_model(find_checkpoint(args.ckpt), which=args.weights)
+    except ckpt.CheckpointError as e:
+        raise UsageError(str(e)) from e
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    labels = None
+    if model.num_classes > 0:
+        if args.class_label is not None:
+            if not 0 <= args.class_label < model.num_classes:
+                raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {args.class_label}")
+            labels = torch.full((args.n,), args.class_label, dtype=torch.long, device=device)
+        else:
+            labels = torch.arange(args.n, device=device) % model.num_classes
+    elif args.class_label is not None:
+        raise UsageError("--class given, but the model is unconditional")
+    eps = torch.randn((args.n, *model.sample_shape), generator=g, device=device)
+    with torch.no_grad():
+        if args.sampler == "consistency":
+            x = sample_consistency(model, model.sigma_data * eps, steps=args.steps, generator=g, class_labels=labels)
+        else:
+            sig = karras_sigmas(args.steps, device=device)
+            if args.sampler == "heun":
+                x = sample_heun(model.denoise, eps * sig[0], sig, class_labels=labels)
+            elif args.sampler == "euler":
+                x = sample_euler(model.denoise, eps * sig[0], sig, class_labels=labels)
+            else:
+                x = sample_sde(model.denoise, eps * sig[0], sig, class_labels=labels, generator=g)
+    path = save_samples_png(x, args.out)
+    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {path}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import list_presets, preset_dict
+
+    for name in list_presets():
+        d = preset_dict(name)
+        objs = "+".join(d.get("objectives", {})) or "-"
+        print(f"{name:18s} data={d.get('data', {}).get('name', '?'):8s} model={d.get('model', {}).get('kind', '?'):5s} "
+              f"objectives={objs} steps={d.get('steps', '?')} batch={d.get('batch_size', '?')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: exit 2 with the usage line, no traceback
+        self.print_usage(sys.stderr)
+        raise SystemExit(_fail(message))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="quickstep-train", description="Train TrigFlow diffusion teachers and consistency models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="train from a preset (or resume a run)")
+    f.add_argument("--preset", help="preset name (see `quickstep-train presets`)")
+    f.add_argument("--data", help="an .npz file or image folder replacing the preset's data (same kind)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
+    f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
+    f.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue exactly")
+    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation")
+    f.add_argument("--dry-run", action="store_true", help="print the resolved config and model size; no training")
+    f.set_defaults(func=cmd_fit)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG")
+    s.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    s.add_argument("--sampler", choices=SAMPLERS, default="heun")
+    s.add_argument("--steps", type=int, default=18)
+    s.add_argument("-n", type=int, default=64)
+    s.add_argument("--class", dest="class_label", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="PNG path")
+    s.set_defaults(func=cmd_sample)
+
+    pr = sub.add_parser("presets", help="list the shipped presets")
+    pr.set_defaults(func=cmd_presets)
+
+    for mod in ("quickstep.train.eval.cli",):  # extension slots owned by other stages
+        if importlib.util.find_spec("quickstep.train.eval") and importlib.util.find_spec(mod):
+            importlib.import_module(mod).register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as e:
+        return _fail(str(e))
+    except (ValueError, FileNotFoundError, KeyError) as e:  # data/model problems caused by the user's input
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        return _fail(str(msg))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
