@@ -4,7 +4,8 @@
 # TensorRT engines are tied to the GPU model and the TensorRT version that built them, so they cannot
 # ship inside the image. At start-up this script:
 #   1. finds the bundles to serve (QUICKSTEP_BUNDLE='a,b', else every bundle in QUICKSTEP_MODELS_DIR,
-#      else the bundled default model inside the package);
+#      else the bundled default model inside the package) - name them through these variables, not
+#      through --bundle/--models-dir arguments, which go to quickstep-serve unseen by this script;
 #   2. with QUICKSTEP_BACKEND=tensorrt and a usable GPU: for each bundle, looks for a copy with engines
 #      in the cache volume under a key naming this GPU and TensorRT version
 #      ($QUICKSTEP_ENGINE_CACHE/<gpu>-sm<cc>-trt<version>/<bundle>); if none exists, copies the bundle
@@ -47,7 +48,12 @@ bundles() {
       if [ -f "${d}manifest.json" ]; then printf '%s\n' "${d%/}"; fi
     done
   else
-    "$py" -c 'from quickstep.serve.bundle import bundled_default; print(bundled_default())'
+    "$py" -c 'import sys
+from quickstep.serve.bundle import BundleError, bundled_default
+try:
+    print(bundled_default())
+except BundleError as e:
+    sys.exit(f"quickstep-gpu-entrypoint: {e}")'
   fi
 }
 

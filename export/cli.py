@@ -59,7 +59,7 @@ def onnx(
     steps: str | None = typer.Option(None, help="consistency: step graphs, subset of 1,2 (default 1,2); "
                                                    "diffusion: Heun step counts (default 18)"),
     opset: int = typer.Option(17, help=f"ONNX opset, one of {list(SUPPORTED_OPSETS)}"),
-    fp16: bool = typer.Option(False, "--fp16", help="fp16 compute (autocast); normalisation and I/O stay fp32"),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 convolutions/linear layers; normalisation, softmax and I/O stay fp32"),
     kind: str | None = typer.Option(None, help="consistency|diffusion (default: from the checkpoint config)"),
     name: str | None = typer.Option(None, help="model name (default: config name or directory name)"),
     parity_batches: str = typer.Option("1,7", help="batch sizes of the onnxruntime parity gate"),

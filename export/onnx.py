@@ -6,15 +6,17 @@ the batch axis unless given `dynamic_shapes`; the TorchScript path exports these
 `dynamic_axes` and has given bit-identical uint8 images on every model tried here (see
 shared/reference/environment.md).  We pass `dynamo=False` only where the signature has the parameter.
 
-fp16: there is no onnxconverter-common here, so the fp16 variant is traced under
-`torch.autocast(dtype=float16)`: convolutions, matmuls and linear layers run in fp16, while the autocast
-fp32 list (GroupNorm/InstanceNorm, softmax, exp/sin/cos of the time embedding), the sampler arithmetic and
-the graph I/O (fp32 noise in, uint8 images out) stay fp32.  Weights stay fp32 initialisers with Cast nodes.
+fp16 (`--fp16`): there is no onnxconverter-common here, and tracing under CPU autocast proved unreliable (the
+tracer kept most convolutions fp32 while CPU autocast put GroupNorm/softmax in fp16), so the fp16 variant is
+explicit mixed precision: a copy of the module whose Conv2d and Linear layers hold fp16 weights and compute in
+fp16 between fp32 activations (`half_compute`).  Normalisation (GroupNorm -> InstanceNormalization), softmax,
+the sin/cos time embedding, the label embedding, the sampler arithmetic, clamping/quantisation and all graph
+I/O (fp32 noise in, uint8 images out) stay fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import inspect
 import time
 import warnings
@@ -178,6 +180,32 @@ def run_torch(spec: GraphSpec, feeds: dict[str, np.ndarray], device: str = "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- export
+class HalfCompute(nn.Module):
+    """A Conv2d/Linear run in fp16 between fp32 activations: fp32 x -> fp16 layer -> fp32 (mixed precision)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = copy.deepcopy(layer).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.half()).float()
+
+
+def half_compute(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose Conv2d and Linear layers compute in fp16 (HalfCompute); all else stays fp32."""
+
+    def convert(m: nn.Module) -> None:
+        for name, child in m.named_children():
+            if isinstance(child, (nn.Conv2d, nn.Linear)):
+                setattr(m, name, HalfCompute(child))
+            elif not isinstance(child, HalfCompute):
+                convert(child)
+
+    out = copy.deepcopy(module)
+    convert(out)
+    return out.eval()
+
+
 def _legacy_kwargs() -> dict[str, Any]:
     """`dynamo=False` where torch.onnx.export has the parameter (torch >= 2.5), nothing before."""
     return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -199,12 +227,12 @@ def export_onnx(spec: GraphSpec, path: str | Path, *, opset: int = 17, fp16: boo
     feeds = example_inputs(spec, EXAMPLE_BATCH, num_classes, seed=12345)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in spec.inputs)
     names = [s.name for s in spec.inputs] + [s.name for s in spec.outputs]
-    autocast = torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext()
+    module = half_compute(spec.module) if fp16 else spec.module
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad(), autocast:
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings about python floats and the legacy-exporter notice
         torch.onnx.export(
-            spec.module, args, str(path),
+            module, args, str(path),
             input_names=[s.name for s in spec.inputs],
             output_names=[s.name for s in spec.outputs],
             dynamic_axes={n: {0: "batch"} for n in names},

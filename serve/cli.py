@@ -65,10 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .app import create_app
+    from .backends.base import BackendError
 
     try:
         app = create_app(settings)
-    except BundleError as e:
+    except (BundleError, BackendError) as e:
         return _fail(str(e))
     except (ValueError, RuntimeError) as e:
         return _fail(str(e))

@@ -129,6 +129,8 @@ class GenerationService:
         self.default_model = settings.default_model or names[0]
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not among the loaded models {names}")
+        for rt in self.models.values():
+            rt.backend.preflight()
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self.loaded = asyncio.Event()
 

@@ -239,7 +239,9 @@ class Trainer:
         opt_cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
-        self.objectives = {name: build_objective(name, c) for name, c in cfg.objectives.items()}
+        # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
+        # or of the JSON the config round-trips through on resume
+        self.objectives = {name: build_objective(name, cfg.objectives[name]) for name in sorted(cfg.objectives)}
         needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
         if self.teacher is None and needs:
             raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR")

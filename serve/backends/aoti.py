@@ -21,6 +21,10 @@ class AotiBackend(Backend):
         self.runners: dict[int, Any] = {}
         self._torch: Any = None
 
+    def preflight(self) -> None:
+        for steps in self.bundle.steps_supported:
+            self.bundle.graph_file(steps, "aoti", "AOTInductor package (.pt2)")
+
     def load(self) -> None:
         try:
             import torch

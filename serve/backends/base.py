@@ -25,6 +25,10 @@ class Backend(ABC):
         self.settings = settings
         self.device = "cpu"
 
+    def preflight(self) -> None:
+        """Cheap checks at start-up (imports, files, device) so a misconfigured server fails before it listens."""
+        return None
+
     @abstractmethod
     def load(self) -> None:
         """Create sessions / engines / modules for every supported step count (may be slow)."""

@@ -47,6 +47,12 @@ class OnnxRuntimeBackend(Backend):
         providers.append("CPUExecutionProvider")
         return providers
 
+    def preflight(self) -> None:
+        ort = _import_ort()
+        for steps in self.bundle.steps_supported:
+            self.bundle.graph_file(steps, "onnx", "ONNX generator")
+        want_cuda(self.settings, "CUDAExecutionProvider" in ort.get_available_providers())
+
     def load(self) -> None:
         ort = _import_ort()
         requested = self._requested_providers(ort)

@@ -53,6 +53,11 @@ class TensorRTBackend(Backend):
         raise BundleError(f"bundle {self.bundle.name!r} has no TensorRT engine (*.plan) for steps={steps}; build one "
                           "on this GPU with `quickstep-export tensorrt` or use --backend onnxruntime")
 
+    def preflight(self) -> None:
+        _import_tensorrt()
+        for steps in self.bundle.steps_supported:
+            self._plan(steps)
+
     def load(self) -> None:
         trt, torch = self._trt, self._torch = _import_tensorrt()
         logger = trt.Logger(trt.Logger.WARNING)

@@ -29,6 +29,15 @@ class TorchBackend(Backend):
         self.generators: dict[int, Any] = {}
         self._torch: Any = None
 
+    def preflight(self) -> None:
+        torch = _import_torch()
+        files = self.bundle.torch_files
+        if not files:
+            raise BundleError(f"bundle {self.bundle.name!r} has no 'torch' section (model.safetensors + config.json)")
+        for rel in files.values():
+            self.bundle.file(rel)
+        want_cuda(self.settings, torch.cuda.is_available())
+
     def load(self) -> None:
         torch = self._torch = _import_torch()
         from quickstep.train.core.checkpoint import CheckpointError, load_model

@@ -45,7 +45,7 @@ def pct(xs: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def bench_backend(bundle: Path, n: int) -> tuple[float, float]:
+def bench_backend(bundle: Path, n: int) -> tuple[float, float, dict[int, float]]:
     from quickstep.serve.backends.base import create_backend
     from quickstep.serve.bundle import load_bundle
     from quickstep.serve.service import draw_noise
@@ -62,7 +62,17 @@ def bench_backend(bundle: Path, n: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         be.run(1, noise, labels)
         times.append(time.perf_counter() - t0)
-    return pct(times)
+    per_batch = {}
+    for bsz in (8, 32):
+        noise = draw_noise(0, bsz, b.image_shape, 1)
+        labels = np.arange(bsz, dtype=np.int64) % 10
+        ts = []
+        for _ in range(max(5, n // bsz)):
+            t0 = time.perf_counter()
+            be.run(1, noise, labels)
+            ts.append(time.perf_counter() - t0)
+        per_batch[bsz] = pct(ts)[0]
+    return (*pct(times), per_batch)
 
 
 async def bench_http(url: str, n: int) -> tuple[float, float]:
@@ -77,26 +87,73 @@ async def bench_http(url: str, n: int) -> tuple[float, float]:
     return pct(times)
 
 
+class RawConnection:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams: the load generator must cost far less CPU than
+    the server it measures (httpx with 32 connections does not, on 2 cores)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def throughput(url: str, clients: int, seconds: float) -> tuple[float, float]:
-    """images/s and p50 latency (ms) with `clients` closed-loop clients, each sending n=1 requests."""
+    """images/s and p50 latency (ms) with `clients` closed-loop clients, each sending n=1 JSON requests."""
+    host, port = url.split("//")[1].split(":")
     lat: list[float] = []
     stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
-    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
-        async def worker(k: int) -> None:
-            i = 0
+    async def worker(k: int) -> None:
+        conn = RawConnection(host, int(port))
+        i = 0
+        try:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await c.post(url + "/v1/generate", json={"seed": k * 100000 + i, "class_label": i % 10})
-                assert r.status_code == 200, r.text
+                status, _ = await conn.post_json("/v1/generate", b'{"seed": %d, "class_label": %d}' % (k * 100000 + i,
+                                                                                                      i % 10))
+                assert status == 200, status
                 lat.append(time.perf_counter() - t0)
                 i += 1
+        finally:
+            conn.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(clients)))
+    wall = time.perf_counter() - t0
     return len(lat) / wall, pct(lat)[0]
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(images, backend runs) so far, from the server's /metrics batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = runs = 0.0
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for smp in fam.samples:
+            if smp.name == "quickstep_batch_size_images_sum":
+                total += smp.value
+            elif smp.name == "quickstep_batch_size_images_count":
+                runs += smp.value
+    return total, runs
 
 
 def start_server(bundle: Path, port: int, max_wait_ms: float) -> subprocess.Popen:
@@ -130,8 +187,10 @@ def main() -> None:
         root = Path(tmp)
         bundle = export_bundle(digits_checkpoint(root), root / "bundle", steps=(1, 2))
         print(f"digits-sized model (UNet 32ch, mult (1,2), attn 8, 16x16, 10 classes), cpu cores={os.cpu_count()}")
-        p50, p99 = bench_backend(bundle, args.requests)
+        p50, p99, per_batch = bench_backend(bundle, args.requests)
         print(f"backend call alone (onnxruntime, 1 image, 1 step):  p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+        for bsz, ms in per_batch.items():
+            print(f"backend call alone, batch {bsz:2d}: p50 {ms:.2f} ms ({ms / bsz:.2f} ms/image)")
         port = free_port()
         proc = start_server(bundle, port, args.max_wait_ms)
         url = f"http://127.0.0.1:{port}"
@@ -139,8 +198,12 @@ def main() -> None:
             p50, p99 = asyncio.run(bench_http(url, args.requests))
             print(f"HTTP POST /v1/generate (raw PNG, max_wait_ms={args.max_wait_ms:g}): p50 {p50:.2f} ms  p99 {p99:.2f} ms")
             for clients in (1, 32):
+                b0 = batch_stats(url)
                 ips, lat50 = asyncio.run(throughput(url, clients, args.seconds))
-                print(f"throughput, {clients:2d} concurrent client(s): {ips:7.1f} images/s  (p50 latency {lat50:.1f} ms)")
+                b1 = batch_stats(url)
+                mean_batch = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
+                print(f"throughput, {clients:2d} concurrent client(s): {ips:7.1f} images/s  (p50 latency {lat50:.1f} ms, "
+                      f"mean batch {mean_batch:.1f} images)")
         finally:
             proc.terminate()
             proc.wait(30)

@@ -36,7 +36,7 @@ def tool(name: str) -> str:
 def test_hadolint_clean(name: str) -> None:
     """hadolint reports nothing (warnings included) on every Dockerfile."""
     path = DOCKERFILES[name]
-    r = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "info", str(path)],
+    r = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "style", str(path)],
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, f"hadolint {path.name}:\n{r.stdout}{r.stderr}"
 

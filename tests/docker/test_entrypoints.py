@@ -138,6 +138,27 @@ def test_cpu_image_entrypoint_serves_ready(tiny_bundle: Path, tmp_path: Path) ->
     assert healthcheck(stage, env) != 0, "HEALTHCHECK must fail when nothing answers"
 
 
+def test_cpu_image_serves_its_bundled_model(tmp_path: Path) -> None:
+    """Exactly `docker run IMAGE` (no bundle given): the default model shipped in serve/bundled/ is served."""
+    from quickstep.serve.bundle import BundleError, bundled_default
+
+    try:
+        default = bundled_default()
+    except BundleError:
+        pytest.skip("serve/bundled/ holds no bundle yet")
+    stage = final_stage(DOCKERFILES["Dockerfile"])
+    port = free_port()
+    env = host_env(stage, QUICKSTEP_PORT=str(port))
+    log = tmp_path / "serve-default.log"
+    url = f"http://127.0.0.1:{port}"
+    with running(host_argv(stage), env, log) as proc:
+        wait_ready(url, proc, log)
+        models = httpx.get(f"{url}/v1/models", timeout=5).json()["models"]
+        assert [m["name"] for m in models] == [bundle_name(default)]
+        r = httpx.post(f"{url}/v1/generate", json={"n": 1, "seed": 0}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
 def test_gpu_image_entrypoint_falls_back_to_onnxruntime_without_gpu(tiny_bundle: Path, tmp_path: Path) -> None:
     """docker/Dockerfile.gpu's entrypoint on a machine without CUDA/TensorRT: serves with onnxruntime, ready."""
     stage = final_stage(DOCKERFILES["Dockerfile.gpu"])

@@ -74,3 +74,10 @@ def test_console_script_serves_and_shuts_down(cond_bundle_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
+
+
+def test_unusable_backend_fails_before_listening(cond_bundle_dir, capsys):
+    assert cli.main(["--bundle", str(cond_bundle_dir), "--backend", "aoti", "--no-ui"]) == 2
+    assert "AOTInductor" in capsys.readouterr().err
+    assert cli.main(["--bundle", str(cond_bundle_dir), "--backend", "tensorrt", "--no-ui"]) == 2
+    assert "TensorRT" in capsys.readouterr().err

@@ -77,8 +77,11 @@ def test_disconnected_client_is_dropped_before_running(bundle_dir):
     with serve(bundle=[bundle_dir], max_batch=1, max_wait_ms=0, max_queue=64) as s:
         with ThreadPoolExecutor(8) as ex:
             futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 16, "steps": 2, "seed": i}, timeout=60)
-                    for i in range(8)]
-            time.sleep(0.05)
+                    for i in range(12)]
+            deadline = time.monotonic() + 30
+            while not any(x.value >= 3 for x in metric_samples(s).get("quickstep_queue_depth", [])):
+                assert time.monotonic() < deadline, "the flood never queued up"
+                time.sleep(0.005)
             body = b'{"seed": 99}'
             with socket.create_connection(("127.0.0.1", s.port)) as sock:
                 sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -90,4 +93,4 @@ def test_disconnected_client_is_dropped_before_running(bundle_dir):
                    if x.labels["reason"] == "client_disconnected"]
         runs = sum(x.value for x in samples["quickstep_backend_runs_total"])
     assert dropped and dropped[0].value == 1
-    assert runs == 8
+    assert runs == 12

@@ -7,6 +7,7 @@ exact velocity is dx_t/dt = x_t a'(t) / a(t) = x_t cos t sin t (sigma_d^2 - s^2)
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -362,7 +363,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 64, seed:
     return float((pa - pb).square().mean().sqrt())
 
 
-def _train(objective, model, gmm, steps, teacher=None, lr=2e-3, batch=256, seed=0):
+def _train(objective, model, gmm, steps, teacher=None, lr=2e-3, batch=256, seed=0, ema_rate=0.05):
+    """A minimal loop around the real objective + StepContext: Adam with linear LR decay, an EMA copy."""
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     data_g = torch.Generator().manual_seed(seed + 1)
@@ -371,11 +374,16 @@ def _train(objective, model, gmm, steps, teacher=None, lr=2e-3, batch=256, seed=
         ctx = StepContext(step=step, total_steps=steps, generator=gen, device=b.x.device, teacher=teacher,
                           global_batch=b)
         loss = sum(objective(model, b, ctx).values())
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 - step / steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not ctx.metrics.get("skip_step"):
             opt.step()
-    return model
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(p, ema_rate)
+    return ema
 
 
 def _quality(model, gmm, n=2000, seed=123):
@@ -383,22 +391,24 @@ def _quality(model, gmm, n=2000, seed=123):
     fresh = gmm.sample(n, g)
     noise = SD * torch.randn(n, gmm.dim, generator=g)
     extra = [SD * torch.randn(n, gmm.dim, generator=g)]
-    model.eval()
     one = sample_consistency(model, noise, steps=1)
     two = sample_consistency(model, noise, steps=2, extra_noise=extra)
-    model.train()
     return sliced_wasserstein(one, fresh), sliced_wasserstein(two, fresh)
 
 
 @pytest.mark.parametrize("kind", ["sct", "scd"])
-def test_short_scm_run_improves_one_step_samples(kind):
+def test_short_scm_run_improves_one_and_two_step_samples(kind):
+    """250 steps on the 8-Gaussian ring (sCD with the exact mixture PF-ODE as the teacher).
+
+    Measured (sliced W2 to fresh data): init 0.71 -> 1-step ~0.06-0.09, 2-step ~0.08-0.13."""
     gmm, teacher = _gmm_teacher("ring8")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(MLPConfig(dim=2, hidden=64, depth=2), sigma_data=SD))
+    # time_scale 1: the t-embedding must be smooth for sCM (the core default 1000 makes the tangent blow up)
+    model = build_model(ModelConfig(MLPConfig(dim=2, hidden=64, depth=2, time_scale=1.0), sigma_data=SD))
     before, _ = _quality(model, gmm)
     obj = SCTLoss(SCMConfig()) if kind == "sct" else SCDLoss(SCMConfig())
-    _train(obj, model, gmm, steps=400, teacher=teacher if kind == "scd" else None)
-    one, two = _quality(model, gmm)
+    ema = _train(obj, model, gmm, steps=250, teacher=teacher if kind == "scd" else None)
+    one, two = _quality(ema, gmm)
     print(f"{kind}: sliced W2 init {before:.3f} -> 1-step {one:.3f}, 2-step {two:.3f}")
-    assert one < 0.5 * before
-    assert two < one + 0.05
+    assert one < 0.3 * before
+    assert two < one + 0.08  # not worse than 1 step, up to ~10% of the initial distance
