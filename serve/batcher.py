@@ -143,8 +143,16 @@ class MicroBatcher:
             if not self._queue:
                 continue
             batch = await self._live(self._take_batch(), loop)
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._execute(batch, loop)
+            except Exception as e:  # noqa: BLE001 - a bug here must fail this batch, never stop the collector
+                log.exception("batcher of model %s failed on a batch", self.model)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                        job.future.exception()
 
     async def _live(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> list[Job]:
         """Drop jobs whose caller gave up (deadline, cancellation) or whose client disconnected."""
@@ -178,6 +186,9 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             images = await loop.run_in_executor(self._executor, self._run, steps, noises, labels)
+            if getattr(images, "shape", (None,))[0] != size or getattr(images, "dtype", None) != np.uint8:
+                raise RuntimeError(f"backend returned {getattr(images, 'shape', '?')} {getattr(images, 'dtype', '?')}, "
+                                   f"expected {size} uint8 images")
         except Exception as e:  # noqa: BLE001 - a backend failure fails only this batch
             log.exception("backend failure on model %s (batch of %d images)", self.model, size)
             self._m.backend_failures.labels(self.model).inc()

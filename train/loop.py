@@ -386,7 +386,8 @@ class Trainer:
         path = None
         if self.rank == 0:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng,
-                     "sampler": self.sampler.state_dict(), "world_size": self.world_size}
+                     "sampler": self.sampler.state_dict(), "world_size": self.world_size,
+                     "skipped_steps": getattr(self, "skipped_steps", 0)}
             extra = {"train": self.cfg.to_dict(), "data": self.spec.to_dict(), "step": self.step,
                      "kimg": self.step * self.cfg.batch_size / 1000, "git_revision": _git_revision(),
                      "metrics": metrics or {}, "objectives": sorted(self.objectives)}
@@ -412,6 +413,7 @@ class Trainer:
         state = ckpt.load_state(path, map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
         self.noise_gen.set_state(rng["noise"].cpu())

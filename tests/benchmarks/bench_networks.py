@@ -1,6 +1,6 @@
 """Parameters and CPU forward latency of the UNet presets (not collected by pytest: bench_*.py).
 
-Run: .venv/bin/python tests/benchmarks/bench_networks.py [--repeats 10] [--threads N] [--jvp]
+Run: .venv/bin/python tests/benchmarks/bench_networks.py [--repeats 10] [--threads N] [--jvp] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def time_call(fn, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds, after two warm-up calls."""
+    """Median wall time of fn() in milliseconds, after two warm-up calls (CPU time with --cpu-time)."""
     fn()
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((CLOCK() - t0) * 1e3)
     return statistics.median(times)
+
+
+CLOCK = time.perf_counter
 
 
 def forward_ms(model, cfg: ModelConfig, batch: int, repeats: int, g: torch.Generator) -> float:
@@ -54,11 +57,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--jvp", action="store_true", help="also time torch.func.jvp at batch 64")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="report process CPU time instead of wall time (robust on a shared, loaded machine)")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, eval, no_grad")
+    clock = "process CPU time" if args.cpu_time else "wall time"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, eval, no_grad, median {clock}")
     print(f"{'preset':<14} {'params':>10} {'backbone':>10} {'b1 ms':>8} {'b64 ms':>8} {'img/s@64':>9}"
           + (f" {'jvp64 ms':>9}" if args.jvp else ""))
     for name, cfg in PRESETS.items():

@@ -13,7 +13,6 @@ import argparse
 import time
 
 import torch
-
 from quickstep.train.config import load_preset
 from quickstep.train.loop import Trainer
 

@@ -16,8 +16,8 @@ from .conftest import serve
 
 
 @pytest.fixture(scope="module")
-def server(cond_bundle_dir):
-    with serve(bundle=[cond_bundle_dir], ui=True, max_batch=32, max_wait_ms=20, max_body_bytes=4096) as s:
+def server(cond_bundle_dir, bundle_dir):
+    with serve(bundle=[cond_bundle_dir, bundle_dir], ui=True, max_batch=32, max_wait_ms=20, max_body_bytes=4096) as s:
         yield s
 
 
@@ -71,6 +71,14 @@ def test_raw_png_and_random_seed(server):
     again = post(server, {"scale": 4, "seed": seed, "class_label": int(r.headers["x-class-label"])},
                  headers={"Accept": "image/png"})
     assert again.content == r.content
+
+
+def test_second_model_unconditional(server):
+    r = post(server, {"model": "tiny-consistency", "n": 2, "steps": 2, "seed": 3})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-consistency"
+    assert all(im["class_label"] is None for im in r.json()["images"])
+    r = post(server, {"model": "tiny-consistency", "class_label": 1})
+    assert r.status_code == 422 and "unconditional" in r.json()["error"]["message"]
 
 
 def test_raw_image_needs_n1(server):
@@ -172,7 +180,8 @@ def test_413_json(server):
 
 def test_models_health_docs(server):
     models = httpx.get(server.url + "/v1/models").json()["models"]
-    assert len(models) == 1
+    assert [m["name"] for m in models] == ["tiny-consistency-cond", "tiny-consistency"]
+    assert models[1]["num_classes"] == 0
     m = models[0]
     assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["steps_supported"] == [1, 2]
     assert m["ready"] and m["backend"].startswith("onnxruntime")

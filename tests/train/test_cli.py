@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from quickstep.train.cli import main
 from quickstep.train.config import ConfigError, apply_overrides, list_presets, load_preset, parse_value
 

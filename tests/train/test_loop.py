@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from quickstep.train.config import TrainConfig, build_config
 from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.data import gmm_preset
 from quickstep.train.loop import NonFiniteLossError, Trainer, config_from_checkpoint, ema_beta, learning_rate
 from quickstep.train.losses import register_objective
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

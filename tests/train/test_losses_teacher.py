@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from quickstep.train.data import gmm_preset
 from quickstep.train.losses import OBJECTIVES, Batch, StepContext, build_objective
 from quickstep.train.losses.cp import cp_estimate, edm_grid
