@@ -20,8 +20,6 @@ _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:
     sys.path.append(str(_TESTS))
 
-from tests.helpers import free_port as _free_port  # noqa: E402
-
 
 def _has_cuda() -> bool:
     try:
@@ -52,4 +50,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for servers started by a test)."""
+    from tests.helpers import free_port as _free_port  # imported lazily: helpers imports torch
+
     return _free_port()

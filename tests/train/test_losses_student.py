@@ -396,8 +396,17 @@ def _quality(model, gmm, n=2000, seed=123):
     return sliced_wasserstein(one, fresh), sliced_wasserstein(two, fresh)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny MLPs run fastest single-threaded (and do not fight other processes for the 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("kind", ["sct", "scd"])
-def test_short_scm_run_improves_one_and_two_step_samples(kind):
+def test_short_scm_run_improves_one_and_two_step_samples(kind, one_thread):
     """250 steps on the 8-Gaussian ring (sCD with the exact mixture PF-ODE as the teacher).
 
     Measured (sliced W2 to fresh data): init 0.71 -> 1-step ~0.06-0.09, 2-step ~0.08-0.13."""
@@ -412,3 +421,45 @@ def test_short_scm_run_improves_one_and_two_step_samples(kind):
     print(f"{kind}: sliced W2 init {before:.3f} -> 1-step {one:.3f}, 2-step {two:.3f}")
     assert one < 0.3 * before
     assert two < one + 0.08  # not worse than 1 step, up to ~10% of the initial distance
+
+
+# ----------------------------------------------------------------------------------------------- trainer hooks
+STUDENT_PRESETS = [f"{d}-{k}" for d in ("gmm2d", "digits") for k in ("sct", "scd", "direct-cm", "cd")] + ["cifar10-scd"]
+
+
+@pytest.mark.parametrize("name", STUDENT_PRESETS)
+def test_student_presets_load(name):
+    from quickstep.train.config import load_preset
+    from quickstep.train.losses import get_objective_spec
+
+    cfg = load_preset(name)
+    (obj,) = cfg.objectives
+    assert obj in ("sct", "scd", "direct_cm", "cd")
+    assert get_objective_spec(obj).needs_teacher == (obj != "sct")
+
+
+def test_trainer_scd_starts_from_the_teacher_ema_and_skips_nonfinite_steps(tmp_path, one_thread):
+    from quickstep.train.config import load_preset
+    from quickstep.train.core.checkpoint import save_checkpoint
+    from quickstep.train.loop import Trainer
+
+    cfg = load_preset("gmm2d-scd", ["steps=3", "batch_size=32", "log.progress=false", "log.tensorboard=false",
+                                    "log.samples=false", "data.options.n=256"])
+    teacher = tiny_mlp(dim=2, seed=14, hidden=16)
+    with torch.no_grad():
+        teacher.logvar_head.linear.bias.fill_(1.5)
+    save_checkpoint(tmp_path / "teacher", teacher)
+    trainer = Trainer(cfg, tmp_path / "run", teacher=tmp_path / "teacher")
+    x, t = torch.randn(5, 2), torch.rand(5) + 0.1
+    torch.testing.assert_close(trainer.model(x, t), teacher(x, t))  # the teacher's architecture and weights
+    assert float(trainer.model.logvar(t).detach().abs().max()) == 0.0  # a fresh logvar head
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    out = trainer.train_step()
+    assert out["skipped_steps"] == 0.0 and math.isfinite(out["scd"])
+    # a non-finite tangent: the update is skipped and counted, training goes on
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.data_x[:] = 3e38
+    out = trainer.train_step()
+    assert out["skipped_steps"] == 1.0 and out["skip_step"] == 1.0
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
