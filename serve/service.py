@@ -135,7 +135,7 @@ class GenerationService:
         self.loaded = asyncio.Event()
 
     # ---------------------------------------------------------------- lifecycle
-    def _executor(self, device: str) -> ThreadPoolExecutor:
+    def executor(self, device: str) -> ThreadPoolExecutor:
         """One worker thread per device: every model on that device runs its batches there."""
         if device not in self._executors:
             self._executors[device] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"quickstep-{device}")
@@ -151,8 +151,8 @@ class GenerationService:
         for rt in self.models.values():
             self.metrics.ready.labels(rt.name).set(0)
             try:
-                await loop.run_in_executor(self._executor("loader"), rt.backend.load)
-                ex = self._executor(rt.backend.device)
+                await loop.run_in_executor(self.executor("loader"), rt.backend.load)
+                ex = self.executor(rt.backend.device)
                 await loop.run_in_executor(ex, rt.backend.warmup)
             except Exception as e:  # noqa: BLE001 - reported through /health/ready and the log
                 rt.error = f"{type(e).__name__}: {e}"

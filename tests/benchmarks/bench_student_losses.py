@@ -31,18 +31,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, iters: int, device: torch.device, warmup: int = 2) -> float:
-    """Median seconds per call."""
+def timed_round_robin(fns: dict, iters: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, measured interleaved (one call of each per round) so that
+    load fluctuations on a shared machine hit every measurement alike."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main() -> None:
@@ -93,16 +96,15 @@ def main() -> None:
         with torch.no_grad():
             student(x, t, y)
 
-    res = {
-        "forward (no grad, fp32)": timed(forward, args.iters, device),
-        "jvp torch.func (fp32)": timed(lambda: trigflow_jvp(student, x, t, v, y), args.iters, device),
-        "jvp finite difference (fp32)": timed(
-            lambda: trigflow_jvp(student, x, t, v, y, method="finite_difference"), args.iters, device),
-        "teacher DSM step": timed(lambda: step(dsm), args.iters, device),
-        "sCT step": timed(lambda: step(sct), args.iters, device),
-        "sCT step (finite-difference JVP)": timed(lambda: step(sct_fd), args.iters, device),
-        "sCD step": timed(lambda: step(scd), args.iters, device),
-    }
+    res = timed_round_robin({
+        "forward (no grad, fp32)": forward,
+        "jvp torch.func (fp32)": lambda: trigflow_jvp(student, x, t, v, y),
+        "jvp finite difference (fp32)": lambda: trigflow_jvp(student, x, t, v, y, method="finite_difference"),
+        "teacher DSM step": lambda: step(dsm),
+        "sCT step": lambda: step(sct),
+        "sCT step (finite-difference JVP)": lambda: step(sct_fd),
+        "sCD step": lambda: step(scd),
+    }, args.iters, device)
     n_params = sum(p.numel() for p in student.parameters())
     print(f"device={device} model={args.model} ({n_params / 1e6:.2f}M params) batch={args.batch} "
           f"threads={torch.get_num_threads()} amp={'bf16' if amp else 'off'}")

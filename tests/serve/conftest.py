@@ -88,3 +88,19 @@ def serve(wait_ready: bool = True, **kw) -> Iterator[ServerThread]:
         yield srv
     finally:
         srv.stop()
+
+
+def hold_worker(server: ServerThread) -> threading.Event:
+    """Occupy the CPU worker thread until the returned event is set, so that requests queue up meanwhile."""
+    gate = threading.Event()
+    server.app.state.service.executor("cpu").submit(gate.wait, 60)
+    return gate
+
+
+def wait_queued(server: ServerThread, n: int, timeout: float = 30.0) -> None:
+    """Block until at least n requests wait in the server's queues (all models)."""
+    models = server.app.state.service.models.values()
+    deadline = time.monotonic() + timeout
+    while sum(rt.batcher.depth for rt in models if rt.batcher is not None) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests queued"
+        time.sleep(0.005)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import serve
+from .conftest import hold_worker, serve, wait_queued
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,16 @@ def test_same_bytes_alone_and_batched(server):
     req = {"n": 2, "seed": 1234, "class_label": 3}
     alone = post(server, req).json()["images"]
     others = [{"n": 1 + i % 3, "seed": i, "steps": 1 + i % 2} for i in range(15)]
-    with ThreadPoolExecutor(16) as ex:
-        futs = [ex.submit(post, server, b) for b in others[:8]] + [ex.submit(post, server, req)]
-        futs += [ex.submit(post, server, b) for b in others[8:]]
-        results = [f.result() for f in futs]
+    gate = hold_worker(server)  # everything queues up, then runs in merged batches
+    try:
+        with ThreadPoolExecutor(16) as ex:
+            futs = [ex.submit(post, server, b) for b in others[:8]] + [ex.submit(post, server, req)]
+            futs += [ex.submit(post, server, b) for b in others[8:]]
+            wait_queued(server, 15)
+            gate.set()
+            results = [f.result() for f in futs]
+    finally:
+        gate.set()
     assert all(r.status_code == 200 for r in results)
     assert [im["b64"] for im in results[8].json()["images"]] == [im["b64"] for im in alone]
 
@@ -102,8 +108,15 @@ def test_same_bytes_alone_and_batched(server):
 def test_batching_reduces_backend_runs(server):
     before = backend_runs(server)
     n_req = 16
-    with ThreadPoolExecutor(n_req) as ex:
-        rs = list(ex.map(lambda i: post(server, {"seed": i, "class_label": i % 10}), range(n_req)))
+    gate = hold_worker(server)
+    try:
+        with ThreadPoolExecutor(n_req) as ex:
+            futs = [ex.submit(post, server, {"seed": i, "class_label": i % 10}) for i in range(n_req)]
+            wait_queued(server, n_req // 2)
+            gate.set()
+            rs = [f.result() for f in futs]
+    finally:
+        gate.set()
     assert all(r.status_code == 200 for r in rs)
     runs = backend_runs(server) - before
     assert 1 <= runs < n_req, f"{runs} backend runs for {n_req} concurrent requests: no batching"

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import serve
+from .conftest import hold_worker, serve, wait_queued
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -49,11 +49,23 @@ def test_401_api_key(server):
 
 def test_429_queue_full(server):
     server.wait_ready(30)
-    with ThreadPoolExecutor(24) as ex:
-        rs = list(ex.map(lambda i: httpx.post(server.url + "/v1/generate", json={"seed": i, "n": 16, "steps": 2},
-                                              headers=AUTH, timeout=30), range(24)))
-    codes = sorted({r.status_code for r in rs})
-    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
+    gate = hold_worker(server)
+    try:
+        with ThreadPoolExecutor(12) as ex:
+            futs = [ex.submit(httpx.post, server.url + "/v1/generate", json={"seed": i}, headers=AUTH, timeout=30)
+                    for i in range(12)]
+            wait_queued(server, 1)
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in futs) < 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            rejected = [f.result().status_code for f in futs if f.done()]  # answered while the worker is held
+            gate.set()
+            rs = [f.result() for f in futs]
+    finally:
+        gate.set()
+    codes = [r.status_code for r in rs]
+    assert codes.count(200) == 2 and codes.count(429) == 10, codes  # one running + one queued; the rest rejected
+    assert rejected == [429] * 10
     r429 = next(r for r in rs if r.status_code == 429)
     assert int(r429.headers["retry-after"]) >= 1 and r429.json()["error"]["code"] == "queue_full"
 
@@ -75,22 +87,40 @@ def test_disconnected_client_is_dropped_before_running(bundle_dir):
     from .test_http import metric_samples
 
     with serve(bundle=[bundle_dir], max_batch=1, max_wait_ms=0, max_queue=64) as s:
-        with ThreadPoolExecutor(8) as ex:
-            futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 16, "steps": 2, "seed": i}, timeout=60)
-                    for i in range(12)]
-            deadline = time.monotonic() + 30
-            while not any(x.value >= 3 for x in metric_samples(s).get("quickstep_queue_depth", [])):
-                assert time.monotonic() < deadline, "the flood never queued up"
-                time.sleep(0.005)
+        gate = hold_worker(s)
+        with ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"seed": i}, timeout=60) for i in range(4)]
+            wait_queued(s, 3)  # the 4th is taken by the collector and waits for the worker
             body = b'{"seed": 99}'
             with socket.create_connection(("127.0.0.1", s.port)) as sock:
                 sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                wait_queued(s, 4)
+            time.sleep(0.1)  # the server sees the connection close
+            gate.set()
             assert all(f.result().status_code == 200 for f in futs)
-        time.sleep(0.2)
         samples = metric_samples(s)
         dropped = [x for x in samples.get("quickstep_requests_dropped_total", [])
                    if x.labels["reason"] == "client_disconnected"]
         runs = sum(x.value for x in samples["quickstep_backend_runs_total"])
     assert dropped and dropped[0].value == 1
-    assert runs == 12
+    assert runs == 4
+
+
+def test_graceful_shutdown_finishes_in_flight_work(bundle_dir):
+    """Requests queued when shutdown starts are still answered 200; new connections are refused afterwards."""
+    with serve(bundle=[bundle_dir], max_batch=1, max_wait_ms=0, max_queue=64) as s:
+        gate = hold_worker(s)
+        with ThreadPoolExecutor(6) as ex:
+            futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 4, "seed": i}, timeout=60)
+                    for i in range(5)]
+            wait_queued(s, 4)
+            stopper = ex.submit(s.stop)
+            time.sleep(0.3)  # shutdown has begun: the listening socket is closed
+            assert not any(f.done() for f in futs)
+            gate.set()
+            codes = [f.result().status_code for f in futs]
+            stopper.result()
+    assert codes == [200] * 5
+    with pytest.raises(httpx.TransportError):
+        httpx.get(s.url + "/health/live", timeout=2)

@@ -16,7 +16,14 @@ from quickstep.train.core import MLPConfig, ModelConfig, TrigFlowModel, build_mo
 from quickstep.train.core.sampling import karras_sigmas, sample_consistency, sample_heun
 from quickstep.train.data import GaussianMixture, gmm_preset
 from quickstep.train.losses.base import Batch, StepContext
-from quickstep.train.losses.direct_cm import CDLoss, DirectCMConfig, DirectCMLoss, level_sigmas, teacher_solve
+from quickstep.train.losses.direct_cm import (
+    CDLoss,
+    DirectCMConfig,
+    DirectCMLoss,
+    level_sigmas,
+    ode_error,
+    teacher_solve,
+)
 from quickstep.train.losses.scm import (
     SCDLoss,
     SCMConfig,
@@ -421,6 +428,23 @@ def test_short_scm_run_improves_one_and_two_step_samples(kind, one_thread):
     print(f"{kind}: sliced W2 init {before:.3f} -> 1-step {one:.3f}, 2-step {two:.3f}")
     assert one < 0.3 * before
     assert two < one + 0.08  # not worse than 1 step, up to ~10% of the initial distance
+
+
+@pytest.mark.parametrize("kind", ["direct_cm", "cd"])
+def test_short_direct_cm_and_cd_runs_reduce_ode_error_and_improve_samples(kind, one_thread):
+    """The Direct-CM paper's two axes: ODE error to the teacher's Heun solve and sample quality (sliced W2)."""
+    gmm, teacher = _gmm_teacher("ring8")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(MLPConfig(dim=2, hidden=64, depth=2, time_scale=1.0), sigma_data=SD))
+    eps = torch.randn(512, 2, generator=torch.Generator().manual_seed(7))
+    err0, (before, _) = ode_error(model, teacher, eps, heun_steps=12), _quality(model, gmm)
+    cfg = DirectCMConfig(num_levels=12)
+    obj = DirectCMLoss(cfg) if kind == "direct_cm" else CDLoss(cfg)
+    ema = _train(obj, model, gmm, steps=150, teacher=teacher)
+    err1, (one, two) = ode_error(ema, teacher, eps, heun_steps=12), _quality(ema, gmm)
+    print(f"{kind}: ODE error {err0:.3f} -> {err1:.3f}; sliced W2 {before:.3f} -> 1-step {one:.3f}, 2-step {two:.3f}")
+    assert err1 < 0.5 * err0
+    assert one < 0.6 * before
 
 
 # ----------------------------------------------------------------------------------------------- trainer hooks

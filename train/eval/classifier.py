@@ -96,10 +96,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def train_classifier(config: ClassifierConfig = ClassifierConfig(), *, out: str | Path | None = None,
-                     progress: bool = False) -> tuple[DigitsCNN, dict[str, Any]]:
+                     progress: bool = False, evaluate: bool = True) -> tuple[DigitsCNN, dict[str, Any]]:
     """Train the digits CNN deterministically on the digits train split; evaluate it on the test split.
 
-    Returns (model, card).  With `out` (a directory), writes digits_classifier.safetensors + .json there."""
+    Returns (model, card).  With `out` (a directory), writes digits_classifier.safetensors + .json there;
+    evaluate=False skips the accuracy measurements (the card then has none)."""
     from ..data import load_dataset
 
     train = load_dataset("digits", split="train")
@@ -134,8 +135,8 @@ def train_classifier(config: ClassifierConfig = ClassifierConfig(), *, out: str 
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_split": f"digits train ({len(train)} images)",
         "test_split": f"digits test ({len(test)} images)",
-        "train_accuracy": round(accuracy(model, train.x, train.y), 4),
-        "test_accuracy": round(accuracy(model, test.x, test.y), 4),
+        "train_accuracy": round(accuracy(model, train.x, train.y), 4) if evaluate else None,
+        "test_accuracy": round(accuracy(model, test.x, test.y), 4) if evaluate else None,
         "recipe": asdict(config),
         "train_seconds": round(time.perf_counter() - t0, 1),
         "torch_version": torch.__version__,

@@ -29,8 +29,11 @@ def eval_command(args: argparse.Namespace) -> int:
 
     if args.n < 4:
         raise ValueError(f"--n must be >= 4, got {args.n}")
+    if args.diagnostics_n < 8:
+        raise ValueError(f"--diag-n must be >= 8, got {args.diagnostics_n}")
     report = evaluate_checkpoint(args.ckpt, steps=parse_steps(args.steps), n=args.n, out=args.out,
-                                 teacher=args.teacher, inception=args.inception, nll_n=args.nll_n, seed=args.seed,
+                                 teacher=args.teacher, inception=args.inception, nll_n=args.nll_n,
+                                 diagnostics_n=args.diagnostics_n, seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
     for row in report["quality"]:
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
@@ -54,6 +57,8 @@ def register(subparsers) -> None:
                         "other than digits")
     e.add_argument("--nll-n", dest="nll_n", type=int, default=None,
                    help="test samples for the PF-ODE likelihood of teachers (0 skips; default 500 vectors, 32 images)")
+    e.add_argument("--diag-n", dest="diagnostics_n", type=int, default=512,
+                   help="noisy samples per sigma band for the exact GMM diagnostics (default 512)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

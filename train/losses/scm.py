@@ -180,7 +180,9 @@ class SCMConfig:
     warmup_frac: float = 0.1  # H scaled to the run length (paper: 10k of 100k-400k iterations)
     prior_weight: bool = False  # multiply by 1/sigma (the paper's prior weighting; sCM-mnist found it unstable)
     jvp: str = "autograd"  # "autograd" (torch.func.jvp) or "finite_difference"
-    fd_eps: float = 1e-3  # finite-difference step h = fd_eps * t
+    # finite-difference step h = fd_eps * t (FastGen).  With the core default time_scale 1000 the t-embedding has
+    # frequencies up to ~1.6k rad and 1e-3 is coarse (measured on a random MLP: 55% JVP error; 1e-4: 6%).
+    fd_eps: float = 1e-3
     bf16: bool = True  # on CUDA: bf16 autocast for the student forward (JVP and tangent always fp32)
 
     def __post_init__(self) -> None:
