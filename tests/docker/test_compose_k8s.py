@@ -106,6 +106,11 @@ def test_compose_triton_profile(compose: dict) -> None:
     out = argv[argv.index("--out") + 1]
     export_mounts = _mounts(export["volumes"])
     assert "/bundle" in export_mounts
+    default = re.fullmatch(r"\$\{QUICKSTEP_TRITON_BUNDLE:-([^}]+)\}", export_mounts["/bundle"])
+    assert default, "the bundle is chosen with QUICKSTEP_TRITON_BUNDLE"
+    if (REPO / "serve" / "bundled").is_dir():  # the shipped default model, once it exists
+        assert (DOCKER / default.group(1) / "manifest.json").is_file(), \
+            f"compose's default Triton bundle {default.group(1)} is not the bundled model"
     (mount,) = [m for m in export_mounts if out.startswith(m + "/")]
     assert out != mount, "an atomic directory write cannot rename onto a volume's mount point"
     triton = services["triton"]

@@ -281,12 +281,14 @@ class _SCMBase:
         ctx.metrics[f"{self.name}/mse"] = float(out.mse.mean())
         ctx.metrics[f"{self.name}/g_raw_rms"] = float(per_sample_norm(
             torch.nan_to_num(out.g_raw, nan=0.0, posinf=0.0, neginf=0.0), "rms").mean())
-        if not bool(out.finite.all()):
-            # non-finite tangent: skip the whole step (zero loss, zero gradient) and count it
-            self.skipped_steps += 1
-            ctx.metrics["skip_step"] = 1.0
-            ctx.metrics[f"{self.name}/nonfinite_tangents"] = float((~out.finite).sum())
-            ctx.metrics[f"{self.name}/skipped_steps"] = float(self.skipped_steps)
+        # non-finite tangent: skip the whole step (zero loss and gradient; the trainer skips the update on every
+        # rank when any rank reports skip_step > 0) and count it.  The metric names never vary between ranks.
+        skip = not bool(out.finite.all())
+        self.skipped_steps += int(skip)
+        ctx.metrics["skip_step"] = max(float(skip), ctx.metrics.get("skip_step", 0.0))
+        ctx.metrics[f"{self.name}/nonfinite_tangents"] = float((~out.finite).sum())
+        ctx.metrics[f"{self.name}/skipped_steps"] = float(self.skipped_steps)
+        if skip:
             return {self.name: _zero_loss(model, out.loss)}
         return {self.name: cfg.weight * out.loss.mean()}
 
