@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test install install-dev lint pytest clean pipeline browser-deps
+.PHONY: demo test install install-dev lint pytest clean pipeline
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-serve: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install -q -c constraints.txt -e '.[serve,client,export]'
+	$(PIP) install -q -c constraints.txt -e '.[serve,client]'
 	touch $@
 
 install: $(VENV)/.installed-serve
@@ -36,7 +36,25 @@ pytest: install-dev
 test: lint pytest
 
 demo: install
+	@echo ""
+	@echo "Quickstep demo: serving the bundled digits model on http://$(HOST):$(PORT)"
+	@echo "  UI:    http://$(HOST):$(PORT)/ui"
+	@echo "  docs:  http://$(HOST):$(PORT)/docs"
+	@echo "  try:   curl -s -X POST http://$(HOST):$(PORT)/v1/generate -H 'content-type: application/json' -H 'accept: image/png' -d '{\"steps\": 1, \"seed\": 0, \"class_label\": 7, \"scale\": 8}' -o digit.png"
+	@echo ""
 	$(BIN)/quickstep-serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Rebuild the bundled default model from scratch: teacher -> sCD student -> export -> report.
+RUNS ?= runs
+TEACHER_STEPS ?= 6000
+STUDENT_STEPS ?= 2000
+BUNDLE ?= serve/bundled/digits-scd
+pipeline: install-dev
+	$(BIN)/quickstep-train fit --preset digits-stf --out $(RUNS)/teacher --steps $(TEACHER_STEPS)
+	$(BIN)/quickstep-train fit --preset digits-scd --teacher $(RUNS)/teacher --out $(RUNS)/student --steps $(STUDENT_STEPS)
+	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student --out $(BUNDLE) --steps 1,2 --name digits-scd
+	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --out $(RUNS)/report
+	$(BIN)/quickstep-export verify $(BUNDLE)

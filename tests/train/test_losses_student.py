@@ -284,7 +284,7 @@ def test_objectives_via_step_context_and_nonfinite_guard():
     ctx = ctx_for(batch, step=5, total=100)
     terms = SCTLoss(SCMConfig(weight=2.0))(model, batch, ctx)
     assert set(terms) == {"sct"} and torch.isfinite(terms["sct"])
-    assert ctx.metrics["sct/r"] == pytest.approx(5 / 10)
+    assert ctx.metrics["sct/r"] == pytest.approx(5 / 10) and ctx.metrics["skip_step"] == 0.0
     terms["sct"].backward()
     with pytest.raises(ValueError, match="needs a teacher"):
         SCDLoss(SCMConfig())(model, batch, ctx_for(batch))

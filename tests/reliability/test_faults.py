@@ -1,0 +1,294 @@
+"""Faults (issue 12, part 3): disconnecting clients, a failing backend, SIGTERM with work in flight, a trainer
+SIGKILLed while writing a checkpoint, and corrupted bundles - all against the real components."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess, metric_samples, metric_total
+from tests.serve.conftest import serve
+
+MODEL = "tiny-consistency"
+HEAVY = {"n": 16, "steps": 2}  # the largest request: keeps a max_batch=1 queue busy for a while
+
+
+def wait_queue(url: str, depth: int, timeout: float = 30.0) -> None:
+    """Until /metrics shows at least `depth` requests queued."""
+    deadline = time.monotonic() + timeout
+    while metric_total(metric_samples(url), "quickstep_queue_depth") < depth:
+        assert time.monotonic() < deadline, f"the queue never reached {depth}"
+        time.sleep(0.005)
+
+
+def send_and_vanish(port: int, body: bytes) -> None:
+    """A complete POST /v1/generate whose client closes the connection without reading the answer."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+# ----------------------------------------------------------------------------------------------- disconnects
+def test_clients_that_vanish_while_queued_cost_no_backend_run(rel_bundle):
+    flood, gone = 16, 4
+    with serve(bundle=[rel_bundle], max_batch=1, max_wait_ms=0, max_queue=64) as s:
+        before = metric_samples(s.url)
+        runs0 = metric_total(before, "quickstep_backend_runs_total")
+        with ThreadPoolExecutor(flood) as ex:
+            futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={**HEAVY, "seed": i}, timeout=120)
+                    for i in range(flood)]
+            wait_queue(s.url, 4)
+            for i in range(gone):
+                send_and_vanish(s.port, json.dumps({"seed": 1000 + i}).encode())
+            codes = [f.result().status_code for f in futs]
+        time.sleep(0.3)
+        after = metric_samples(s.url)
+        # the server still serves afterwards
+        assert httpx.post(s.url + "/v1/generate", json={"seed": 1}, timeout=30).status_code == 200
+    assert codes == [200] * flood
+    dropped = metric_total(after, "quickstep_requests_dropped_total", reason="client_disconnected")
+    runs = metric_total(after, "quickstep_backend_runs_total") - runs0
+    assert dropped == gone, dropped
+    assert runs == flood, f"{runs} backend runs for {flood} answered requests ({gone} clients vanished)"
+
+
+# ----------------------------------------------------------------------------------------------- backend failure
+def test_backend_exception_fails_only_its_batch(rel_bundle):
+    """steps=2 runs on a broken onnxruntime session (the denoiser graph: a real InvalidArgument on every run) while
+    steps=1 keeps working; the failures are 503s with a message, never a bare 500; after repair all is well."""
+    import onnxruntime as ort
+
+    with serve(bundle=[rel_bundle], max_batch=8, max_wait_ms=2) as s:
+        backend = s.app.state.service.models[MODEL].backend
+        good = backend.sessions[2]
+        backend.sessions[2] = ort.InferenceSession(str(rel_bundle / "denoiser.onnx"),
+                                                   providers=["CPUExecutionProvider"])
+        try:
+            with ThreadPoolExecutor(12) as ex:
+                reqs = [{"steps": 1 + (i % 2), "seed": i} for i in range(24)]
+                rs = list(ex.map(lambda b: httpx.post(s.url + "/v1/generate", json=b, timeout=60), reqs))
+        finally:
+            backend.sessions[2] = good
+        after = httpx.post(s.url + "/v1/generate", json={"steps": 2, "seed": 3}, timeout=30)
+        samples = metric_samples(s.url)
+    for b, r in zip(reqs, rs, strict=True):
+        if b["steps"] == 1:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["code"] == "backend_failure" and MODEL in err["message"] and "failed" in err["message"], err
+            assert r.headers.get("retry-after")
+    assert after.status_code == 200
+    assert metric_total(samples, "quickstep_backend_failures_total") >= 1
+    assert metric_total(samples, "quickstep_requests_total", status="500") == 0
+
+
+# ----------------------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_drains_in_flight_requests(rel_bundle, tmp_path):
+    """SIGTERM while 24 heavy requests are queued or running: every one is answered 200, then the process exits."""
+    n = 24
+    with ServerProcess([rel_bundle], ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "64"],
+                       log_path=tmp_path / "server.log") as srv:
+        srv.wait_ready()
+        with ThreadPoolExecutor(n) as ex:
+            futs = [ex.submit(httpx.post, srv.url + "/v1/generate", json={**HEAVY, "seed": i}, timeout=120)
+                    for i in range(n)]
+            wait_queue(srv.url, 6)
+            srv.signal(signal.SIGTERM)
+            pending_at_signal = sum(not f.done() for f in futs)
+            rs = [f.result() for f in futs]
+        code = srv.wait(60)
+        log = srv.log()
+        with pytest.raises(httpx.ConnectError):  # nothing listens any more
+            httpx.get(srv.url + "/health/live", timeout=5)
+    assert pending_at_signal >= 3, "the signal came after the work was done; the test proved nothing"
+    assert [r.status_code for r in rs] == [200] * n, [r.text[:200] for r in rs if r.status_code != 200]
+    assert code in (0, -signal.SIGTERM), log[-2000:]  # uvicorn re-raises the signal after a clean shutdown
+    assert "Traceback" not in log, log[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------- SIGKILL trainer
+TRAIN = [sys.executable, "-m", "quickstep.train.cli", "fit"]
+QUIET = ["--set", "log.samples=false", "--set", "log.tensorboard=false", "--set", "log.progress=false",
+         "--set", "log.every=1000"]
+
+
+def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: float = 120.0) -> dict:
+    """Start gmm2d-plain with a checkpoint every step; once `min_done` checkpoints exist, SIGKILL it at a random
+    moment while a save is in progress (a `.step-*.tmp-*` directory exists)."""
+    proc = subprocess.Popen(TRAIN + ["--preset", "gmm2d-plain", "--out", str(out), "--steps", "100000",
+                                     "--set", "log.ckpt_every=1", *QUIET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            names = os.listdir(out) if out.is_dir() else []
+            done = [n for n in names if re.fullmatch(r"step-\d+", n)]
+            if len(done) >= min_done and any(".tmp-" in n for n in names):
+                time.sleep(rng.uniform(0.0, 0.02))
+                saving = [n for n in os.listdir(out) if ".tmp-" in n]
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "no checkpoint save observed"
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        proc.stderr.close()
+    return {"returncode": proc.returncode, "saving_at_kill": saving}
+
+
+def latest_loadable(out: Path) -> int:
+    """The newest checkpoint of a run loads (weights + state); returns its step."""
+    from quickstep.train.core.checkpoint import load_model, load_state
+    from quickstep.train.loop import find_checkpoint
+
+    ckpt = find_checkpoint(out)
+    load_model(ckpt, which="ema")
+    load_model(ckpt, which="raw")
+    step = int(load_state(ckpt)["step"])
+    assert ckpt.name == f"step-{step:07d}", (ckpt, step)
+    return step
+
+
+def resume(out: Path, steps: int) -> None:
+    r = subprocess.run(TRAIN + ["--out", str(out), "--resume", str(out), "--steps", str(steps)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_sigkill_during_checkpoint_save_then_resume(tmp_path):
+    rng = random.Random(int(time.time()))
+    out = tmp_path / "run"
+    info = kill_while_saving(out, min_done=2, rng=rng)
+    assert info["returncode"] == -signal.SIGKILL
+    step = latest_loadable(out)
+    assert step >= 2
+    resume(out, step + 2)
+    assert latest_loadable(out) == step + 2
+
+
+@pytest.mark.slow
+def test_sigkill_many_times_during_saves(tmp_path):
+    """Ten kills at random moments of saves, each followed by a check that the run loads, on one run directory;
+    then resume to the end and compare with the step count."""
+    rng = random.Random(0)
+    out = tmp_path / "run"
+    steps = []
+    for i in range(10):
+        if i == 0:
+            info = kill_while_saving(out, min_done=1, rng=rng)
+        else:  # a resumed run killed again while saving
+            info = kill_resumed_while_saving(out, rng)
+        assert info["returncode"] == -signal.SIGKILL
+        steps.append(latest_loadable(out))
+    assert steps == sorted(steps)
+    resume(out, steps[-1] + 3)
+    assert latest_loadable(out) == steps[-1] + 3
+
+
+def kill_resumed_while_saving(out: Path, rng: random.Random, timeout: float = 120.0) -> dict:
+    """`--resume` the run for many more steps and SIGKILL it during one of its first saves."""
+    start = set(os.listdir(out))
+    proc = subprocess.Popen(TRAIN + ["--out", str(out), "--resume", str(out), "--steps", "100000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    saving: list[str] = []
+    try:
+        while True:
+            names = set(os.listdir(out))
+            new_tmp = [n for n in names - start if ".tmp-" in n]
+            if new_tmp and len([n for n in names - start if re.fullmatch(r"step-\d+", n)]) >= rng.randint(0, 2):
+                time.sleep(rng.uniform(0.0, 0.02))
+                saving = [n for n in os.listdir(out) if ".tmp-" in n]
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "no checkpoint save observed"
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        proc.stderr.close()
+    return {"returncode": proc.returncode, "saving_at_kill": saving}
+
+
+# ----------------------------------------------------------------------------------------------- corrupt bundles
+def flip_bytes(path: Path, offset: int = 4096, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda b: flip_bytes(b / "generator_1step.onnx"), ["generator_1step.onnx", "sha256", "corrupt"]),
+    (lambda b: truncate(b / "generator_2step.onnx"), ["generator_2step.onnx", "truncated", "corrupt"]),
+    (lambda b: (b / "model.safetensors").unlink(), ["model.safetensors", "missing"]),
+    (lambda b: truncate(b / "manifest.json", 0.7), ["manifest.json", "not valid json"]),
+], ids=["hash-mismatch", "truncated-onnx", "missing-file", "truncated-manifest"])
+def test_corrupt_bundle_refused_at_load(bundle_copy, damage, words):
+    from quickstep.serve.app import create_app
+    from quickstep.serve.bundle import BundleError
+    from quickstep.serve.settings import ServeSettings
+
+    damage(bundle_copy)
+    with pytest.raises(BundleError) as e:
+        create_app(ServeSettings(bundle=[bundle_copy], ui=False))
+    msg = str(e.value).lower()
+    assert all(w.lower() in msg for w in words), msg
+
+
+def test_corrupt_bundle_cli_exits_with_clear_error_and_never_listens(bundle_copy, tmp_path):
+    flip_bytes(bundle_copy / "generator_1step.onnx")
+    srv = ServerProcess([bundle_copy], log_path=tmp_path / "server.log")
+    code = srv.wait(120)
+    log = srv.log()
+    srv.stop()
+    assert code == 2, log
+    assert "generator_1step.onnx" in log and "sha256" in log and "Traceback" not in log, log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(srv.url + "/health/ready", timeout=5)
+
+
+def test_unloadable_onnx_without_verification_never_reports_ready(bundle_copy):
+    """A truncated ONNX that skips the sha256 check (--no-verify) fails in onnxruntime: the server stays up but
+    /health/ready answers 503 naming the failure, and generation answers 503 - never a 500, never ready."""
+    truncate(bundle_copy / "generator_2step.onnx")
+    with serve(wait_ready=False, bundle=[bundle_copy], verify_sha256=False) as s:
+        service = s.app.state.service
+        deadline = time.monotonic() + 60
+        while not service.loaded.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ready = httpx.get(s.url + "/health/ready")
+        gen = httpx.post(s.url + "/v1/generate", json={"steps": 1})
+        live = httpx.get(s.url + "/health/live")
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable", ready.text
+    assert ready.json()["models"] == {MODEL: False}
+    assert gen.status_code == 503 and gen.json()["error"]["code"] == "not_ready"
+    assert "generator_2step.onnx" in gen.json()["error"]["message"], gen.text
+    assert live.status_code == 200
