@@ -5,8 +5,10 @@
     quickstep-export tensorrt --bundle bundles/digits-scd [--batch 1,8,32]
     quickstep-export triton --bundle bundles/digits-scd --out triton-repo [--backend onnxruntime|tensorrt]
     quickstep-export verify bundles/digits-scd [--no-parity]
+    quickstep-export report bundles/digits-scd --out reports/digits-scd [--backend onnxruntime --backend torch]
+                     [--n 2000] [--steps 1,2] [--seed 0] [--write-manifest/--no-write-manifest]
 
-Exit status: 0 success, 1 parity/verification failure, 2 bad input or a missing dependency/GPU.
+Exit status: 0 success, 1 parity/verification failure or a backend flagged by `report`, 2 bad input or a missing dependency/GPU.
 """
 
 from __future__ import annotations
@@ -157,6 +159,44 @@ def verify(
     report = _run(lambda: verify_bundle(bundle, parity=parity))
     typer.echo(report.summary())
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    out: Path = typer.Option(..., "--out", help="directory for report.json, report.md, quality_vs_latency.png"),
+    backend: list[str] = typer.Option(["onnxruntime", "torch"], "--backend",
+                                      help="onnxruntime|tensorrt|aoti|torch (repeatable; torch always runs as the "
+                                           "FD reference)"),
+    n: int = typer.Option(2000, help="samples per backend x steps"),
+    steps: str | None = typer.Option(None, help="step counts (default: the bundle's steps_supported)"),
+    seed: int = typer.Option(0, help="request seed: image k uses numpy default_rng([seed, k]) as served"),
+    latency_batches: str = typer.Option("1,8,64", help="batch sizes timed on each backend"),
+    repeats: int = typer.Option(10, help="timed runs per batch size (median reported)"),
+    spread_seeds: int = typer.Option(2, help="extra reseeded torch runs measuring the FD seed-to-seed spread"),
+    relative_tolerance: float = typer.Option(0.02, help="flag when |FD - FD_torch| > max(this x FD_torch, "
+                                                        "seed spread, --fd-floor)"),
+    fd_floor: float = typer.Option(0.0, help="smallest FD margin"),
+    device: str = typer.Option("cpu", help="cpu|cuda|auto (backends and the teacher)"),
+    teacher: str | None = typer.Option(None, help="teacher checkpoint (default: the one the bundle names, if here)"),
+    inception: str | None = typer.Option(None, help="Inception-v3 weights file for non-digits data"),
+    write_manifest: bool = typer.Option(True, "--write-manifest/--no-write-manifest",
+                                        help="store the numbers in manifest.json's quality section"),
+) -> None:
+    """Quality (FD, KID, precision/recall, class accuracy) and latency of every backend x steps, as served."""
+    from .report import ReportConfig, make_report
+
+    cfg = ReportConfig(backends=tuple(backend), steps=_ints(steps, "--steps"), n=n, seed=seed,
+                       latency_batches=_ints(latency_batches, "--latency-batches") or (1, 8, 64), repeats=repeats,
+                       spread_seeds=spread_seeds, relative_tolerance=relative_tolerance, fd_floor=fd_floor,
+                       device=device, teacher=teacher, inception=inception, write_manifest=write_manifest)
+    rep = _run(lambda: make_report(bundle, out, cfg, progress=lambda s: typer.echo(f"  {s}", err=True)))
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wrote {out / 'report.json'}, {out / 'report.md'}"
+               + (f", {rep['figures'][0]}" if rep["figures"] else "")
+               + (f"; quality section written to {bundle / 'manifest.json'}" if write_manifest else ""))
+    if rep["flagged"]:
         raise typer.Exit(1)
 
 

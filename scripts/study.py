@@ -196,8 +196,59 @@ def write_results_md(results: dict[str, Any], path: Path, figures_dir: Path) -> 
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.relative_to(path.parent)})" for p in figs]
     lines += ["", "## Commands run (with wall time)", "", "```"]
     lines += [f"{c['command']}    # {c['seconds']} s" for c in results["commands"]] + ["```", ""]
-    lines += ["## Reading", "", "(filled in by hand from the tables above; see the report of issue 8)", ""]
+    lines += ["## Reading (generated from the numbers above; differences within one std are not claims)", ""]
+    lines += reading(results, key)
     path.write_text("\n".join(lines))
+
+
+def reading(results: dict[str, Any], key: str) -> list[str]:
+    """One line per paper claim: the compared means, their stds and whether the claim held here."""
+    t = results["teachers"]
+
+    def ms(v: str, k: str) -> tuple[float, float]:
+        vals = [r[k] for r in t[v] if r.get(k) is not None]
+        return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else (float("nan"),) * 2
+
+    def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
+        if a[1] == 0 and b[1] == 0:
+            return "single seed, no claim (" + ("lower" if a[0] < b[0] else "not lower") + ")"
+        if a[0] < b[0] - max(a[1], b[1]):
+            return "held"
+        if a[0] > b[0] + max(a[1], b[1]):
+            return "did NOT hold (reversed)"
+        return "not resolved (within one std)"
+
+    out = []
+    for name, v, k, what in (("CDM: CP lowers the CP violation", "cp", "cp", "CP violation"),
+                             ("FP-Diffusion: FP lowers the score-FPE residual", "fp", "fpe", "FPE residual"),
+                             ("FP-Diffusion: FP improves likelihood", "fp", "nll", "test NLL"),
+                             ("STF: STF improves samples at 35 NFE", "stf", key, key),
+                             ("CDM: CP improves samples", "cp", key, key)):
+        a, b = ms(v, k), ms("plain", k)
+        out.append(f"- {name}: {what} {a[0]:.4g} ± {a[1]:.2g} (+{v}) vs {b[0]:.4g} ± {b[1]:.2g} (plain): "
+                   f"**{verdict(a, b)}**.")
+    st = results["students"]
+
+    def q(student: str, nfe: int, k: str) -> float:
+        vals = [[x for x in r["report"]["quality"] if x["nfe"] == nfe][0].get(k) for r in st[student]]
+        return statistics.fmean(v for v in vals if v is not None)
+
+    def ode(student: str) -> float:
+        vals = [next((o["mse"] for o in r["report"].get("ode_error", []) if o["reference"].startswith("teacher")),
+                     float("nan")) for r in st[student]]
+        return statistics.fmean(vals)
+
+    if "scd" in st:
+        out.append(f"- sCM: 2 steps beat 1 step (sCD {key} {q('scd', 2, key):.4g} vs {q('scd', 1, key):.4g}; "
+                   f"sCT {q('sct', 2, key):.4g} vs {q('sct', 1, key):.4g}).")
+    if "direct-cm" in st and "cd" in st:
+        lower_ode = ode("direct-cm") < ode("cd")
+        worse = q("direct-cm", 1, key) > q("cd", 1, key)
+        out.append(f"- Direct CMs: lower ODE error ({ode('direct-cm'):.4g} vs CD {ode('cd'):.4g}: "
+                   f"{'yes' if lower_ode else 'no'}) but worse 1-step samples ({key} {q('direct-cm', 1, key):.4g} "
+                   f"vs CD {q('cd', 1, key):.4g}: {'yes' if worse else 'no'}).")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

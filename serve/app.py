@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .bundle import Bundle, BundleError, bundled_default, discover_bundles, load_bundle
+from .bundle import Bundle, BundleError, bundled_default, check_quality_gate, discover_bundles, load_bundle
 from .errors import ServeError
 from .metrics import ServeMetrics
 from .schemas import MAX_SEED
@@ -46,13 +46,19 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 # ----------------------------------------------------------------------------------------------- models
 def resolve_bundles(settings: ServeSettings) -> list[Bundle]:
-    """--bundle dirs, then every bundle in --models-dir; with neither, the bundled default model."""
+    """--bundle dirs, then every bundle in --models-dir; with neither, the bundled default model.  A bundle whose
+    quality report flags the chosen backend is refused (QualityGateError) unless settings.force."""
     paths: list[Path] = list(settings.bundle)
     if settings.models_dir is not None:
         paths += discover_bundles(settings.models_dir)
     if not paths:
         paths = [bundled_default()]
-    return [load_bundle(p, verify=settings.verify_sha256) for p in paths]
+    bundles = [load_bundle(p, verify=settings.verify_sha256) for p in paths]
+    for b in bundles:
+        warning = check_quality_gate(b, settings.backend, settings.force)
+        if warning:
+            log.warning(warning)
+    return bundles
 
 
 # ----------------------------------------------------------------------------------------------- gateway

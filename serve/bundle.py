@@ -204,6 +204,38 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     return bundle
 
 
+class QualityGateError(BundleError):
+    """The bundle's quality report flags the backend chosen to serve it (serve anyway with --force)."""
+
+
+def quality_flags(bundle: Bundle, backend: str) -> list[dict[str, Any]]:
+    """Entries of manifest quality.backends[backend] marked `flagged` by `quickstep-export report`, with steps."""
+    q = bundle.quality or {}
+    per_steps = (q.get("backends") or {}).get(backend) or {}
+    if not isinstance(per_steps, dict):
+        return []
+    return [{"steps": k, **e} for k, e in sorted(per_steps.items()) if isinstance(e, dict) and e.get("flagged")]
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
+
+
+def check_quality_gate(bundle: Bundle, backend: str, force: bool = False) -> str | None:
+    """Refuse (QualityGateError) a bundle whose quality report flags `backend`; with `force`, return the warning."""
+    flags = quality_flags(bundle, backend)
+    if not flags:
+        return None
+    what = "; ".join(f"FD {_num(f.get('fd'))} at steps={f['steps']} vs torch reference FD {_num(f.get('fd_torch'))} "
+                     f"(allowed difference {_num(f.get('fd_margin'))})" for f in flags)
+    msg = (f"model {bundle.name!r}: the bundle's quality report flags backend {backend!r}: {what}. "
+           f"Its samples do not match the torch reference")
+    if force:
+        return msg + "; serving it anyway because of --force"
+    raise QualityGateError(msg + "; refusing to serve it. Re-export the bundle, pick another --backend, or pass "
+                           "--force (QUICKSTEP_FORCE=1) to serve it anyway")
+
+
 def discover_bundles(models_dir: str | Path) -> list[Path]:
     """Sub-directories of `models_dir` holding a manifest.json (sorted by name)."""
     d = Path(models_dir).expanduser()

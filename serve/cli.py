@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--intra-op-threads", type=int, help="onnxruntime intra-op threads (0 = default)")
     a("--torch-compile", action="store_true", default=None, help="torch backend: torch.compile the generators")
     a("--no-ui", action="store_false", dest="ui", default=None, help="do not mount the Gradio demo at /ui")
+    a("--force", action="store_true", default=None,
+      help="serve a bundle even when its quality report (quickstep-export report) flags the chosen backend")
     a("--no-verify", action="store_false", dest="verify_sha256", default=None, help="skip sha256 checks of bundles")
     a("--log-level", choices=["critical", "error", "warning", "info", "debug"], help="log level (info)")
     return p

@@ -39,6 +39,7 @@ class ServeSettings(BaseSettings):
     backend: BackendName = "onnxruntime"
     device: DeviceName = Field("auto", description="auto = CUDA when the backend can really use it, else CPU.")
     verify_sha256: bool = Field(True, description="Check every bundle file against the manifest's sha256.")
+    force: bool = Field(False, description="Serve a bundle even when its quality report flags the chosen backend.")
     # backend tuning
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = runtime default).")
     intra_op_spinning: bool = Field(False, description="Let onnxruntime's idle intra-op threads spin (burns CPU).")

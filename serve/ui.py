@@ -30,6 +30,31 @@ def _class_choices(num_classes: int) -> list[str]:
     return [RANDOM_CLASS] + [str(i) for i in range(num_classes)]
 
 
+def _num(v: Any, digits: int = 4) -> str:
+    return f"{v:.{digits}g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def quality_markdown(quality: dict[str, Any] | None, backend: str) -> str:
+    """The manifest's quality section (written by `quickstep-export report`) for the serving backend, as Markdown:
+    FD, class accuracy and batch-1 latency per step count, flags, and the teacher's FD."""
+    if not quality or not isinstance(quality.get("backends"), dict):
+        return "*No quality report in this bundle (`quickstep-export report BUNDLE --out DIR` adds one).*"
+    per = quality["backends"].get(backend)
+    if not per:
+        measured = ", ".join(sorted(quality["backends"])) or "none"
+        return f"*Quality not measured on backend `{backend}` (measured: {measured}).*"
+    lines = [f"**Quality as served** ({backend}, n={quality.get('n', '?')}, vs {quality.get('data', 'held-out data')})",
+             "", "| steps | FD | class acc | ms @b1 | flagged |", "|---|---|---|---|---|"]
+    for steps, e in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
+        lat = (e.get("latency_ms") or {}).get("1")
+        lines.append(f"| {steps} | {_num(e.get('fd'))} | {_num(e.get('class_accuracy'), 3)} | {_num(lat, 3)} | "
+                     f"{'**yes**' if e.get('flagged') else 'no'} |")
+    t = quality.get("teacher")
+    if isinstance(t, dict):
+        lines += ["", f"Teacher ({t.get('nfe', '?')} NFE): FD {_num(t.get('fd'))}"]
+    return "\n".join(lines)
+
+
 def build_ui(service: GenerationService) -> Any:
     """gr.Blocks whose `generate` event (api_name='generate') returns (images, seed, latency text)."""
     gr = _import_gradio()
@@ -59,11 +84,15 @@ def build_ui(service: GenerationService) -> Any:
         text = f"{res.latency_ms:.1f} ms for {len(imgs)} image(s), {res.steps} step(s), model {res.model}"
         return gallery, res.seed, text
 
-    def on_model(model: str) -> tuple[Any, Any]:
+    def quality_text(model: str) -> str:
+        rt = service.resolve(model)
+        return quality_markdown(rt.bundle.quality, rt.backend.name)
+
+    def on_model(model: str) -> tuple[Any, Any, str]:
         b = service.resolve(model).bundle
         return (gr.Dropdown(choices=[str(s) for s in b.steps_supported], value=str(b.default_steps)),
                 gr.Dropdown(choices=_class_choices(b.num_classes), value=RANDOM_CLASS,
-                            interactive=b.num_classes > 0))
+                            interactive=b.num_classes > 0), quality_text(model))
 
     with gr.Blocks(title="Quickstep") as demo:
         gr.Markdown("# Quickstep\n1-2 step consistency generators, served by the same micro-batched service as "
@@ -71,6 +100,7 @@ def build_ui(service: GenerationService) -> Any:
         with gr.Row():
             with gr.Column(scale=1):
                 model = gr.Dropdown(choices=names, value=first.name, label="Model")
+                quality = gr.Markdown(quality_text(first.name), elem_id="quality")
                 steps = gr.Dropdown(choices=[str(s) for s in first.steps_supported], value=str(first.default_steps),
                                     label="Steps")
                 with gr.Row():
@@ -83,7 +113,7 @@ def build_ui(service: GenerationService) -> Any:
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Result", columns=4, format="png", height="auto")
                 latency = gr.Textbox(label="Latency", interactive=False)
-        model.change(on_model, inputs=[model], outputs=[steps, class_label], api_name=False)
+        model.change(on_model, inputs=[model], outputs=[steps, class_label, quality], api_name=False)
         button.click(generate, inputs=[model, steps, seed, randomize, class_label, n],
                      outputs=[gallery, seed, latency], api_name="generate")
     demo.queue(default_concurrency_limit=None, max_size=service.settings.max_queue)
