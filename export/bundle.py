@@ -24,6 +24,7 @@ from quickstep.train.core.checkpoint import (
     atomic_write_dir,
     load_config,
     load_model,
+    load_weights,
 )
 
 from .onnx import (
@@ -210,7 +211,7 @@ def export_bundle(
             parity["onnxruntime"][spec.key] = entry
             if not entry["passed"]:
                 raise ParityError(_parity_message(spec, entry))
-        shutil.copyfile(ckpt_dir / WEIGHTS, tmp / WEIGHTS)
+        write_ema_weights(ckpt_dir, tmp / WEIGHTS)
         shutil.copyfile(ckpt_dir / CONFIG, tmp / CONFIG)
         manifest = build_manifest(model, cfg, kind=kind, name=str(name), specs=specs, opset=opset,
                                   precision=precision, parity=parity, timings=timings)
@@ -218,6 +219,15 @@ def export_bundle(
         write_manifest(tmp, manifest)
 
     return atomic_write_dir(out_dir, write)
+
+
+def write_ema_weights(ckpt_dir: Path, dest: Path) -> None:
+    """The bundle's torch weights: only the checkpoint's EMA tensors (what every backend serves), half the size."""
+    from safetensors.torch import save_file
+
+    tensors = load_weights(ckpt_dir)
+    ema = {k: v for k, v in tensors.items() if k.startswith("ema.")} or tensors
+    save_file(ema, str(dest), metadata={"format": "quickstep-checkpoint"})
 
 
 def build_manifest(model, cfg: dict[str, Any], *, kind: str, name: str, specs: Sequence[GraphSpec], opset: int,

@@ -95,13 +95,13 @@ def serve_backend(bundle, name: str, cfg: ReportConfig):
     from quickstep.serve.bundle import BundleError as ServeBundleError
     from quickstep.serve.settings import ServeSettings
 
-    settings = ServeSettings(backend=name, device=cfg.device, ui=False, bundle=[],
-                             max_batch=max(cfg.gen_batch, *cfg.latency_batches))
     try:
+        settings = ServeSettings(backend=name, device=cfg.device, ui=False, bundle=[],
+                                 max_batch=max(cfg.gen_batch, *cfg.latency_batches))
         backend = create_backend(bundle, settings)
         backend.preflight()
         backend.load()
-    except (BackendError, ServeBundleError) as e:
+    except (BackendError, ServeBundleError, ValueError) as e:
         raise ReportError(f"backend {name!r} cannot run bundle {bundle.name!r}: {e}") from e
     return backend
 

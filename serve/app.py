@@ -29,9 +29,11 @@ from .settings import ServeSettings
 log = logging.getLogger("quickstep.serve")
 
 HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+MAX_HEADER_BYTES = 65_536  # all request header names + values; the HTTP parser (httptools) sets no limit
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-                 415: "unsupported_media_type", 422: "invalid_request", 429: "queue_full", 500: "internal",
+                 415: "unsupported_media_type", 422: "invalid_request", 429: "queue_full",
+                 431: "request_header_fields_too_large", 500: "internal",
                  503: "unavailable", 504: "deadline_exceeded"}
 
 
@@ -115,6 +117,12 @@ class GatewayMiddleware:
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - t0)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header_bytes = sum(len(k) + len(v) for k, v in scope.get("headers", []))
+        if header_bytes > MAX_HEADER_BYTES:
+            await error_response(431, "request_header_fields_too_large",
+                                 f"request headers total {header_bytes} bytes; the limit is {MAX_HEADER_BYTES}",
+                                 {"Connection": "close"})(scope, receive, send)
+            return
         if self.keys and scope["path"] not in HEALTH_PATHS and not self._authorized(scope):
             await error_response(401, "unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>' "
                                  "or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
@@ -208,11 +216,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         service = getattr(request.app.state, "service", None)
         max_n = service.max_n() if service is not None else 0
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";")[0].strip().lower()
+        if (request.method == "POST" and media != "application/json" and not media.endswith("+json")
+                and any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors())):
+            return error_response(422, "invalid_request", f"body: Content-Type must be application/json "
+                                  f"(got {ctype[:60]!r}); send a JSON object such as {{\"n\": 1}}")
         return error_response(422, "invalid_request", validation_message(exc, max_n))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and msg == "There was an error parsing the body":  # fastapi: undecodable body
+            cause = exc.__cause__
+            why = f"{type(cause).__name__}: {str(cause)[:80]}" if cause is not None else "undecodable"
+            return error_response(422, "invalid_request", f"body: not valid JSON ({why}); send a UTF-8 JSON "
+                                  "object such as {\"n\": 1}")
         if exc.status_code == 404:
             msg = f"no route {request.method} {request.url.path}; see /docs"
         return error_response(exc.status_code, _STATUS_CODES.get(exc.status_code, "http_error"), msg,

@@ -47,3 +47,9 @@ class ClientGone(ServeError):
     """The client disconnected before its work ran (never sent: there is nobody to send it to)."""
 
     status, code = 499, "client_closed_request"
+
+
+class NotAcceptable(ServeError):
+    """The Accept header lists no media type the route can produce."""
+
+    status, code = 406, "not_acceptable"

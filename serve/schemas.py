@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -25,6 +25,14 @@ class GenerateRequest(BaseModel):
     class_label: int | None = Field(None, ge=0, description="Class for class-conditional models.")
     format: ImageFormat = Field("png", description="Image encoding.")
     scale: int = Field(1, ge=1, le=16, description="Nearest-neighbour upscale factor for tiny images.")
+
+    @field_validator("n", "steps", "seed", "class_label", "scale", mode="before")
+    @classmethod
+    def _json_integer(cls, v: Any) -> Any:
+        """Integers must be integers: no true/false, no "3" (pydantic's lax mode would coerce both)."""
+        if isinstance(v, bool | str | bytes):
+            raise ValueError(f"must be an integer, not {'a boolean' if isinstance(v, bool) else 'a string'}")
+        return v
 
 
 class ImageOut(BaseModel):

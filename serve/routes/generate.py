@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, NotAcceptable
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, ImageOut
 from ..service import MIME, GenerationService
 
 router = APIRouter(tags=["generate"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 406, 413, 422, 429, 431, 503, 504)}
 _RAW = {v: k for k, v in MIME.items()}
 
 
@@ -40,17 +40,24 @@ async def disconnect_watch(request: Request) -> AsyncIterator[asyncio.Event]:
         task.cancel()
 
 
+_JSON_RANGES = frozenset({"application/json", "application/*", "*/*", "*"})
+
+
 def raw_format(accept: str | None) -> str | None:
-    """The image format a client asked for in Accept (image/png|jpeg|webp), None for JSON."""
-    if not accept:
+    """The image format a client asked for in Accept (image/png|jpeg|webp; image/* = png), None for JSON;
+    NotAcceptable (406) when Accept lists nothing this route produces (first usable entry wins)."""
+    if not accept or not accept.strip():
         return None
     for part in accept.split(","):
         mime = part.split(";")[0].strip().lower()
-        if mime == "application/json":
+        if mime in _JSON_RANGES:
             return None
         if mime in _RAW:
             return _RAW[mime]
-    return None
+        if mime == "image/*":
+            return "png"
+    raise NotAcceptable(f"Accept: {accept[:100]!r} lists no type this route produces; accept application/json, "
+                        "or image/png, image/jpeg or image/webp for a single raw image (n = 1)")
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses={

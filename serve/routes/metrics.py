@@ -6,10 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..schemas import ErrorResponse
+
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"},
+    401: {"model": ErrorResponse}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (requests by route/status, latency and batch-size histograms, queue depth, runs)."""
     service = request.app.state.service

@@ -43,6 +43,7 @@ class FuzzReport:
         return sum(v for k, v in self.statuses.items() if k.startswith("5") and k not in ("503", "504"))
 
 
+BODY_WEIGHT = 4  # an operation with a request body gets this many times the cases of one without
 EXPLICIT_5XX = {503: ("not_ready", "backend_failure", "shutting_down"), 504: ("deadline_exceeded",)}
 
 
@@ -115,9 +116,11 @@ def run_fuzz(url: str, cases: int, *, headers: dict[str, str] | None = None, see
     for rnd in range(50):  # rounds with fresh seeds until `cases` are run; input-less operations drop out
         if report.cases >= cases or not slots:
             break
-        examples = max(1, -(-(cases - report.cases) // len(slots)))
+        weights = [BODY_WEIGHT if op.body else 1 for op, _ in slots]  # bodies have the most to get wrong
+        remaining = cases - report.cases
         productive = []
-        for op, mode in slots:
+        for (op, mode), w in zip(slots, weights, strict=True):
+            examples = max(1, -(-remaining * w // sum(weights)))
             label = f"{op.method.upper()} {op.path}"
             count = [0]
             try:

@@ -95,6 +95,7 @@ CASES = [
      ["content-type", "application/json"]),
     ("10MB-body", lambda s: post_raw(s, b'{"model": "' + b"x" * 10_000_000 + b'"}', JSON), 413, ["1048576 bytes"]),
     ("10MB-chunked", lambda s: post_raw(s, chunked_10mb(), JSON), 413, ["1048576 bytes"]),
+    ("huge-header", lambda s: post_json(s, {}, {"X-Big": "h" * 100_000}), 431, ["headers", "65536"]),
     ("timeout-header-junk", lambda s: post_json(s, {}, {"X-Timeout-Ms": "soon"}), 422, ["x-timeout-ms", "number"]),
     ("timeout-header-negative", lambda s: post_json(s, {}, {"X-Timeout-Ms": "-5"}), 422, ["x-timeout-ms"]),
     ("accept-gif", lambda s: post_json(s, {}, {"Accept": "image/gif"}), 406, ["accept", "image/png", "application/json"]),

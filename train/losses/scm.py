@@ -27,14 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core import trigflow
 from ..core.trigflow import _bcast
 from .base import Batch, StepContext, register_objective
 
 TANGENT_NORMS = ("rms", "l2")
-JVP_METHODS = ("autograd", "finite_difference")
+JVP_METHODS = ("autograd", "forward_ad", "finite_difference")
 _T_EDGE = 1e-5  # keep finite-difference probes inside (0, pi/2)
 
 
@@ -77,6 +80,73 @@ def _fork_devices(x: torch.Tensor) -> list[Any]:
     return [x.device] if x.device.type == "cuda" else []
 
 
+
+# ----------------------------------------------------------------------------------------------- fast exact JVP
+def _has_tangent(x: torch.Tensor | None) -> bool:
+    return x is not None and fwAD.unpack_dual(x).tangent is not None
+
+
+def _conv_jvp(func: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *args: Any,
+              **kwargs: Any) -> torch.Tensor:
+    """conv(x + eps dx; W) with W, b constant: primal conv(x; W, b), tangent conv(dx; W) -- two convolutions
+    (autograd's formula adds a third, conv(x; dW) with a zero dW)."""
+    x, dx = fwAD.unpack_dual(input)
+    if dx is None or _has_tangent(weight) or _has_tangent(bias):
+        return func(input, weight, bias, *args, **kwargs)
+    return fwAD.make_dual(func(x, weight, bias, *args, **kwargs), func(dx, weight, None, *args, **kwargs))
+
+
+def _group_norm_jvp(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """GroupNorm with constant affine parameters, tangent in closed form (per group, N elements):
+    d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx)) = a dx + b x + c with per-group scalars a, b, c;
+    two reductions and two fused passes instead of autograd's decomposed formula."""
+    x, dx = fwAD.unpack_dual(input)
+    if dx is None or _has_tangent(weight) or _has_tangent(bias):
+        return F.group_norm(input, num_groups, weight, bias, eps)
+    b, c = x.shape[0], x.shape[1]
+    hw = x[0, 0].numel()
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, hw, num_groups, eps)  # mean, rstd: [B, G]
+    xg, dxg = x.reshape(b, num_groups, -1), dx.reshape(b, num_groups, -1)  # [B, G, N]
+    m_dx = dxg.mean(2)  # [B, G]
+    m_xhat_dx = rstd * (torch.linalg.vecdot(xg, dxg, dim=2) / xg.shape[2] - mean * m_dx)  # mean(xhat dx)
+    coef_dx = rstd
+    coef_x = -rstd * rstd * m_xhat_dx
+    const = rstd * (mean * rstd * m_xhat_dx - m_dx)
+    coefs = [k[:, :, None, None] for k in (coef_dx, coef_x, const)]  # [B, G, 1, 1]
+    if weight is not None:
+        w = weight.reshape(1, num_groups, -1, 1)  # [1, G, C/G, 1]
+        coefs = [k * w for k in coefs]
+    shape4 = (b, num_groups, c // num_groups, hw)
+    dy = torch.addcmul(torch.addcmul(coefs[2], coefs[1], x.reshape(shape4)), coefs[0], dx.reshape(shape4))
+    return fwAD.make_dual(y, dy.reshape(x.shape))
+
+
+class LinearisedLayers(TorchFunctionMode):
+    """Forward-mode AD with constant weights, made cheap: conv2d and group_norm calls on dual tensors get exact
+    hand-written tangents (see `_conv_jvp`, `_group_norm_jvp`); every other op uses autograd's formula."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv2d or func is F.conv2d:
+            return _conv_jvp(func, *args, **kwargs)
+        if func is F.group_norm:
+            return _group_norm_jvp(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def forward_ad_jvp(fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(*primals), d fn . tangents) by dual numbers (torch.autograd.forward_ad) with LinearisedLayers:
+    the same exact JVP as torch.func.jvp, ~1.7x cheaper on the sCM U-Net (tests/benchmarks/bench_training.py)."""
+    with fwAD.dual_level(), LinearisedLayers():
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
+        primal, tangent = fwAD.unpack_dual(fn(*duals))
+    if tangent is None:  # the output does not depend on the inputs
+        tangent = torch.zeros_like(primal)
+    return primal, tangent
+
+
 def trigflow_jvp(
     model: nn.Module,
     x_t: torch.Tensor,
@@ -90,6 +160,7 @@ def trigflow_jvp(
     """(F-(x_t, t), cos t sin t dF-/dt) along dx_t/dt, in float32 with no gradient (sCM Sec. 4.1 JVP rearrangement).
 
     method 'autograd': torch.func.jvp of model.forward with tangents (cos t sin t dx_t/dt, cos t sin t).
+    method 'forward_ad': the same JVP by dual numbers with hand-written conv/GroupNorm tangents (`forward_ad_jvp`).
     method 'finite_difference': central difference at t +- h, x_t +- h dx_t/dt with h = fd_eps * t (FastGen);
     both probes use the same dropout mask (torch.random.fork_rng).  x_t, dxdt: [B, ...], t: [B].
     """
@@ -103,6 +174,8 @@ def trigflow_jvp(
         if method == "autograd":
             F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
             return F_minus, cs_dFdt
+        if method == "forward_ad":
+            return forward_ad_jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
         h = (fd_eps * t.abs()).clamp(min=1e-6)  # [B]
         t_plus = (t + h).clamp(max=math.pi / 2 - _T_EDGE)
         t_minus = (t - h).clamp(min=_T_EDGE)
@@ -179,7 +252,9 @@ class SCMConfig:
     warmup_steps: int = 0  # H; 0 = warmup_frac * total_steps
     warmup_frac: float = 0.1  # H scaled to the run length (paper: 10k of 100k-400k iterations)
     prior_weight: bool = False  # multiply by 1/sigma (the paper's prior weighting; sCM-mnist found it unstable)
-    jvp: str = "autograd"  # "autograd" (torch.func.jvp) or "finite_difference"
+    # "forward_ad" (exact, dual numbers with hand-written conv/GroupNorm tangents: ~1.7x cheaper than
+    # "autograd" = torch.func.jvp on the U-Net, same values to float rounding) or "finite_difference"
+    jvp: str = "forward_ad"
     # finite-difference step h = fd_eps * t (FastGen).  With the core default time_scale 1000 the t-embedding has
     # frequencies up to ~1.6k rad and 1e-3 is coarse (measured on a random MLP: 55% JVP error; 1e-4: 6%).
     fd_eps: float = 1e-3
@@ -336,6 +411,8 @@ __all__ = [
     "SCMConfig",
     "SCMStep",
     "SCTLoss",
+    "LinearisedLayers",
+    "forward_ad_jvp",
     "init_student_from_teacher",
     "normalize_tangent",
     "per_sample_norm",
