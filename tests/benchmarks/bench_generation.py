@@ -95,6 +95,24 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2.0 * n**3 * inner / t
 
 
+def ort_matmul_rate(n: int = 1024, threads: int = 1, repeats: int = 5) -> float:
+    """Measured fp32 MatMul rate (FLOP/s) of onnxruntime's CPU kernels (MLAS uses AVX-512 where torch's CPU
+    build may not): on a CPU the roofline's peak is the better of this and torch.mm."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    vi = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm", vi[:2], vi[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal((n, n), dtype=np.float32) for k in "ab"}
+    t = min(time_calls(lambda: sess.run(None, feeds), repeats, torch.device("cpu"), warmup=2))
+    return 2.0 * n**3 / t
+
+
 def model_flops(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> float:
     """FLOPs of one network evaluation per image (FlopCounterMode counts matmuls/convolutions as 2 x MACs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -485,12 +503,20 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     peak_dtype = torch.bfloat16 if device.type == "cuda" and a.precision == "bf16" else torch.float32
-    peak = matmul_rate(device, peak_dtype)
+    peak = peak_torch = matmul_rate(device, peak_dtype)
+    peak_note = f"torch.mm {peak_torch / 1e12:.3f}"
+    if device.type == "cpu":
+        try:
+            peak_ort = ort_matmul_rate(threads=a.threads)
+            peak = max(peak, peak_ort)
+            peak_note += f", onnxruntime MatMul {peak_ort / 1e12:.3f}"
+        except ImportError:
+            pass
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()} cores"
     print(f"# bench_generation {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | {hw} | "
           f"threads {torch.get_num_threads()} | clock {'process CPU time' if CLOCK is time.process_time else 'wall'} | "
           f"load average {os.getloadavg()[0]:.1f} | "
-          f"measured {str(peak_dtype).split('.')[-1]} matmul peak {peak / 1e12:.3f} TFLOP/s")
+          f"measured {str(peak_dtype).split('.')[-1]} matmul peak {peak / 1e12:.3f} TFLOP/s ({peak_note})")
     benches: dict[str, Bench] = {}
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,14 @@
 """Serving benchmark on CPU (issue 6 closing note), digits-sized model with random weights.
 
     .venv/bin/python tests/benchmarks/bench_serve.py [--seconds 5] [--requests 200] [--max-wait-ms 5]
+        [--batching on,off] [--max-batch 32] [--threads N]
 
 Prints p50/p99 latency of one 1-step image through the onnxruntime backend alone and over HTTP (a
-`quickstep-serve` subprocess on 127.0.0.1), and throughput (images/s) with 1 and 32 concurrent clients.
+`quickstep-serve` subprocess on 127.0.0.1), and throughput (images/s) with 1 and 32 concurrent clients, for each
+batching mode ("on": --max-batch/--max-wait-ms; "off": max_batch 1, max_wait_ms 0).  Besides wall time it reports
+CPU time per request (the server process's utime+stime from /proc, and the backend call's process CPU time): on a
+shared, loaded machine the wall-clock difference HTTP - backend is inflated by time-sharing, the CPU-time
+difference is the work HTTP adds (parsing, validation, batcher hand-off, PNG encoding, response).
 """
 
 from __future__ import annotations
@@ -45,23 +50,34 @@ def pct(xs: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def bench_backend(bundle: Path, n: int) -> tuple[float, float, dict[int, float]]:
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+BACKEND_CPU_MS: list[float] = []  # process CPU ms per 1-image backend call (filled by bench_backend)
+
+
+def bench_backend(bundle: Path, n: int, threads: int = 0) -> tuple[float, float, dict[int, float]]:
     from quickstep.serve.backends.base import create_backend
     from quickstep.serve.bundle import load_bundle
     from quickstep.serve.service import draw_noise
     from quickstep.serve.settings import ServeSettings
 
     b = load_bundle(bundle)
-    be = create_backend(b, ServeSettings(max_batch=32))
+    be = create_backend(b, ServeSettings(max_batch=32, intra_op_threads=threads))
     be.load()
     be.warmup()
     times = []
+    BACKEND_CPU_MS.clear()
     for i in range(n):
         noise = draw_noise(i, 1, b.image_shape, 1)
         labels = np.array([i % 10], np.int64)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         be.run(1, noise, labels)
         times.append(time.perf_counter() - t0)
+        BACKEND_CPU_MS.append(1e3 * (time.process_time() - c0))
     per_batch = {}
     for bsz in (8, 32):
         noise = draw_noise(0, bsz, b.image_shape, 1)
@@ -161,10 +177,12 @@ def batch_stats(url: str) -> tuple[float, float]:
     return total, runs
 
 
-def start_server(bundle: Path, port: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_wait_ms: float, max_batch: int = 32, threads: int = 0
+                 ) -> subprocess.Popen:
     env = {**os.environ, "QUICKSTEP_UI": "false", "QUICKSTEP_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "quickstep.serve.cli", "--bundle", str(bundle), "--port", str(port),
-                             "--max-wait-ms", str(max_wait_ms)], env=env)
+                             "--max-wait-ms", str(max_wait_ms), "--max-batch", str(max_batch),
+                             "--intra-op-threads", str(threads)], env=env)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -183,7 +201,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--batching", default="on", help="comma list of modes: on (max-batch/max-wait-ms), off (1/0)")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, backend and server (0 = "
+                    "runtime default)")
+    ap.add_argument("--clients", default="1,32", help="comma list of concurrent client counts")
     args = ap.parse_args()
+    modes = [m for m in args.batching.split(",") if m]
+    if any(m not in ("on", "off") for m in modes):
+        raise SystemExit(f"--batching takes a comma list of on/off, got {args.batching!r}")
     from quickstep.export.bundle import export_bundle
 
     from tests.helpers import free_port
@@ -191,27 +217,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = export_bundle(digits_checkpoint(root), root / "bundle", steps=(1, 2))
-        print(f"digits-sized model (UNet 32ch, mult (1,2), attn 8, 16x16, 10 classes), cpu cores={os.cpu_count()}")
-        p50, p99, per_batch = bench_backend(bundle, args.requests)
-        print(f"backend call alone (onnxruntime, 1 image, 1 step):  p50 {p50:.2f} ms  p99 {p99:.2f} ms")
+        print(f"digits-sized model (UNet 32ch, mult (1,2), attn 8, 16x16, 10 classes), cpu cores={os.cpu_count()}, "
+              f"onnxruntime threads={args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}")
+        p50, p99, per_batch = bench_backend(bundle, args.requests, args.threads)
+        be_cpu = float(np.median(BACKEND_CPU_MS))
+        print(f"backend call alone (onnxruntime, 1 image, 1 step):  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
+              f"(CPU time p50 {be_cpu:.2f} ms)")
         for bsz, ms in per_batch.items():
             print(f"backend call alone, batch {bsz:2d}: p50 {ms:.2f} ms ({ms / bsz:.2f} ms/image)")
-        port = free_port()
-        proc = start_server(bundle, port, args.max_wait_ms)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            p50, p99 = asyncio.run(bench_http(url, args.requests))
-            print(f"HTTP POST /v1/generate (raw PNG, max_wait_ms={args.max_wait_ms:g}): p50 {p50:.2f} ms  p99 {p99:.2f} ms")
-            for clients in (1, 32):
-                b0 = batch_stats(url)
-                ips, lat50 = asyncio.run(throughput(url, clients, args.seconds))
-                b1 = batch_stats(url)
-                mean_batch = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
-                print(f"throughput, {clients:2d} concurrent client(s): {ips:7.1f} images/s  (p50 latency {lat50:.1f} ms, "
-                      f"mean batch {mean_batch:.1f} images)")
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        for mode in modes:
+            max_batch, max_wait = (args.max_batch, args.max_wait_ms) if mode == "on" else (1, 0.0)
+            port = free_port()
+            proc = start_server(bundle, port, max_wait, max_batch, args.threads)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                asyncio.run(bench_http(url, 20))  # warm the connection path
+                c0 = proc_cpu_s(proc.pid)
+                h50, h99 = asyncio.run(bench_http(url, args.requests))
+                srv_cpu = 1e3 * (proc_cpu_s(proc.pid) - c0) / args.requests
+                print(f"[batching {mode}: max_batch={max_batch}, max_wait_ms={max_wait:g}]")
+                print(f"HTTP POST /v1/generate (raw PNG, 1 client): p50 {h50:.2f} ms  p99 {h99:.2f} ms; "
+                      f"wall overhead over the backend call p50 {h50 - p50:+.2f} ms")
+                print(f"server CPU time per request {srv_cpu:.2f} ms = backend {be_cpu:.2f} ms + HTTP/service "
+                      f"{srv_cpu - be_cpu:+.2f} ms")
+                for clients in (int(c) for c in args.clients.split(",")):
+                    b0 = batch_stats(url)
+                    ips, lat50 = asyncio.run(throughput(url, clients, args.seconds))
+                    b1 = batch_stats(url)
+                    mean_batch = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
+                    print(f"throughput, {clients:2d} concurrent client(s): {ips:7.1f} images/s  (p50 latency "
+                          f"{lat50:.1f} ms, mean batch {mean_batch:.1f} images)")
+            finally:
+                proc.terminate()
+                proc.wait(30)
 
 
 if __name__ == "__main__":
