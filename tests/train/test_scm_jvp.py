@@ -20,6 +20,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.helpers import perturb_zero_init, tiny_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded 2-core machine (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(shape, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     x_t = 0.5 * torch.randn(shape, generator=g, dtype=dtype)

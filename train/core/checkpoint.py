@@ -73,9 +73,15 @@ def atomic_write_dir(dest: str | Path, write_fn) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint/bundle is readable like any other directory
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 _fsync_file(f)
+            elif f.is_dir():
+                os.chmod(f, 0o777 & ~umask)
         _fsync_dir(tmp)
         old = dest.with_name(dest.name + ".old")
         if old.exists():
