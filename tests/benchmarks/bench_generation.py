@@ -24,6 +24,7 @@ from the same fp16 graph with one profile per batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -266,10 +267,10 @@ class Bench:
         if key not in self._onnx:
             from quickstep.export.onnx import consistency_graph, export_onnx
 
-            spec = consistency_graph(self.model.cpu(), steps)
+            # a CPU copy: moving self.model would change the parameter addresses CUDA graphs were recorded with
+            spec = consistency_graph(copy.deepcopy(self.model).cpu(), steps)
             path = self.tmp / f"{self.name}_{steps}step_{precision}.onnx"
             export_onnx(spec, path, fp16=precision == "fp16", num_classes=self.cfg.num_classes)
-            self.model.to(self.device)
             self._onnx[key] = path
         return self._onnx[key]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", help="serve with (or send) this API key")
     ap.add_argument("--json", type=Path, default=Path("runs/reliability/fuzz.json"))
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the server subprocess too
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else None
     server_log = ""
     if a.url:

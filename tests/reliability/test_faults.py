@@ -190,14 +190,17 @@ def test_sigkill_many_times_during_saves(tmp_path):
     then resume to the end and compare with the step count."""
     rng = random.Random(0)
     out = tmp_path / "run"
-    steps = []
+    steps, mid_save = [], 0
     for i in range(10):
         if i == 0:
             info = kill_while_saving(out, min_done=1, rng=rng)
         else:  # a resumed run killed again while saving
             info = kill_resumed_while_saving(out, rng)
         assert info["returncode"] == -signal.SIGKILL
+        mid_save += bool(info["saving_at_kill"])
         steps.append(latest_loadable(out))
+    print(f"10 SIGKILLs, {mid_save} with a checkpoint half-written; steps after each: {steps}")
+    assert mid_save >= 3, "the kills missed the saves"
     assert steps == sorted(steps)
     resume(out, steps[-1] + 3)
     assert latest_loadable(out) == steps[-1] + 3

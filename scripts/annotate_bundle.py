@@ -1,0 +1,73 @@
+"""Record how a bundle was made in its manifest: the exact commands, training time and hardware of each run.
+
+    python scripts/annotate_bundle.py BUNDLE --run teacher=runs/teacher:"quickstep-train fit ..." \
+        --run student=runs/student:"quickstep-train fit ..." --command "quickstep-export onnx ..."
+
+Training time is read from each run's log.jsonl (first to last logged step); the manifest gets a `provenance`
+section.  manifest.json is not itself hashed, so the file table stays valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from quickstep.export.bundle import read_manifest, write_manifest
+
+
+def run_summary(run_dir: Path, up_to_step: int | None) -> dict:
+    """Steps, wall time and images/s of a training run from its JSONL log."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r and "time" in r and (up_to_step is None or r["step"] <= up_to_step)]
+    if not rows:
+        raise SystemExit(f"{run_dir}/log.jsonl has no logged steps")
+    wall = rows[-1]["time"] - rows[0]["time"]
+    return {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(wall, 1),
+            "first_logged_step": rows[0]["step"]}
+
+
+def hardware() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR[@STEP]:COMMAND",
+                    help="a training run: its name, run directory (optionally @step used), and the command")
+    ap.add_argument("--command", action="append", default=[], help="another command of the pipeline (export, report)")
+    ap.add_argument("--note", default=None)
+    args = ap.parse_args(argv)
+
+    runs = {}
+    for spec in args.run:
+        name, rest = spec.split("=", 1)
+        where, command = rest.split(":", 1)
+        path, _, step = where.partition("@")
+        runs[name] = {"command": command, "run_dir": path,
+                      **run_summary(Path(path), int(step) if step else None)}
+    manifest = read_manifest(args.bundle)
+    manifest["provenance"] = {"runs": runs, "commands": args.command, "hardware": hardware(), "note": args.note}
+    write_manifest(args.bundle, manifest)
+    json.dump(manifest["provenance"], sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
