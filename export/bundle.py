@@ -65,9 +65,12 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------------------------- kind
 def _objective_names(cfg: dict[str, Any]) -> list[str]:
-    """Objective names found in a checkpoint config (train.objective, objective, objective.name, ...)."""
+    """Objective names found in a checkpoint config (the trainer's `objectives` table, train.objective, ...)."""
     found: list[str] = []
     for section in (cfg, cfg.get("train") if isinstance(cfg.get("train"), dict) else {}):
+        objectives = section.get("objectives") if isinstance(section, dict) else None
+        if isinstance(objectives, dict):
+            found.extend(str(k) for k in objectives)
         obj = section.get("objective") if isinstance(section, dict) else None
         if isinstance(obj, str):
             found.append(obj)
@@ -92,7 +95,7 @@ def detect_kind(cfg: dict[str, Any], kind: str | None = None) -> str:
     if names:
         return "diffusion"
     raise ExportError("cannot tell whether this checkpoint is a consistency or a diffusion model (config.json has "
-                      "no 'kind' and no train.objective); pass --kind consistency|diffusion")
+                      "no 'kind' and no training objectives); pass --kind consistency|diffusion")
 
 
 # ----------------------------------------------------------------------------------------------- files
