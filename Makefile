@@ -49,12 +49,12 @@ clean:
 
 # Rebuild the bundled default model from scratch: teacher -> sCD student -> export -> report.
 RUNS ?= runs
-TEACHER_STEPS ?= 6000
-STUDENT_STEPS ?= 2000
+TEACHER_STEPS ?= 4000
+STUDENT_STEPS ?= 500
 BUNDLE ?= serve/bundled/digits-scd
 pipeline: install-dev
 	$(BIN)/quickstep-train fit --preset digits-stf --out $(RUNS)/teacher --steps $(TEACHER_STEPS)
 	$(BIN)/quickstep-train fit --preset digits-scd --teacher $(RUNS)/teacher --out $(RUNS)/student --steps $(STUDENT_STEPS)
 	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student --out $(BUNDLE) --steps 1,2 --name digits-scd
-	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --out $(RUNS)/report
+	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --teacher $(RUNS)/teacher --out $(RUNS)/report
 	$(BIN)/quickstep-export verify $(BUNDLE)
