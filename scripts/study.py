@@ -239,8 +239,10 @@ def reading(results: dict[str, Any], key: str) -> list[str]:
         return statistics.fmean(vals)
 
     if "scd" in st:
-        out.append(f"- sCM: 2 steps beat 1 step (sCD {key} {q('scd', 2, key):.4g} vs {q('scd', 1, key):.4g}; "
-                   f"sCT {q('sct', 2, key):.4g} vs {q('sct', 1, key):.4g}).")
+        verdicts = {m: "held" if q(m, 2, key) < q(m, 1, key) else "did not hold" for m in ("scd", "sct") if m in st}
+        out.append(f"- sCM: 2 steps beat 1 step (sCD {key} {q('scd', 2, key):.4g} vs {q('scd', 1, key):.4g}: "
+                   f"**{verdicts.get('scd', '-')}**; sCT {q('sct', 2, key):.4g} vs {q('sct', 1, key):.4g}: "
+                   f"**{verdicts.get('sct', '-')}**).")
     if "direct-cm" in st and "cd" in st:
         lower_ode = ode("direct-cm") < ode("cd")
         worse = q("direct-cm", 1, key) > q("cd", 1, key)
