@@ -126,18 +126,15 @@ QUIET = ["--set", "log.samples=false", "--set", "log.tensorboard=false", "--set"
          "--set", "log.every=1000"]
 
 
-def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: float = 120.0) -> dict:
-    """Start gmm2d-plain with a checkpoint every step; once `min_done` checkpoints exist, SIGKILL it at a random
-    moment while a save is in progress (a `.step-*.tmp-*` directory exists)."""
-    proc = subprocess.Popen(TRAIN + ["--preset", "gmm2d-plain", "--out", str(out), "--steps", "100000",
-                                     "--set", "log.ckpt_every=1", *QUIET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _sigkill_during_save(proc: subprocess.Popen, out: Path, ready, rng: random.Random, timeout: float) -> dict:
+    """Poll `out`; once `ready(names)` holds while a save is in progress (a `.tmp-` directory exists), SIGKILL
+    `proc` after a random 0-20 ms.  Returns the exit code and the temporary directories present at the kill."""
     deadline = time.monotonic() + timeout
+    saving: list[str] = []
     try:
         while True:
-            names = os.listdir(out) if out.is_dir() else []
-            done = [n for n in names if re.fullmatch(r"step-\d+", n)]
-            if len(done) >= min_done and any(".tmp-" in n for n in names):
+            names = set(os.listdir(out)) if out.is_dir() else set()
+            if any(".tmp-" in n for n in names) and ready(names):
                 time.sleep(rng.uniform(0.0, 0.02))
                 saving = [n for n in os.listdir(out) if ".tmp-" in n]
                 proc.send_signal(signal.SIGKILL)
@@ -152,6 +149,19 @@ def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: flo
         proc.wait(30)
         proc.stderr.close()
     return {"returncode": proc.returncode, "saving_at_kill": saving}
+
+
+def _checkpoints(names) -> list[str]:
+    return [n for n in names if re.fullmatch(r"step-\d+", n)]
+
+
+def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: float = 120.0) -> dict:
+    """Start gmm2d-plain with a checkpoint every step; once `min_done` checkpoints exist, SIGKILL it at a random
+    moment while a save is in progress (a `.step-*.tmp-*` directory exists)."""
+    proc = subprocess.Popen(TRAIN + ["--preset", "gmm2d-plain", "--out", str(out), "--steps", "100000",
+                                     "--set", "log.ckpt_every=1", *QUIET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return _sigkill_during_save(proc, out, lambda names: len(_checkpoints(names)) >= min_done, rng, timeout)
 
 
 def latest_loadable(out: Path) -> int:
@@ -211,27 +221,10 @@ def kill_resumed_while_saving(out: Path, rng: random.Random, timeout: float = 12
     start = set(os.listdir(out))
     proc = subprocess.Popen(TRAIN + ["--out", str(out), "--resume", str(out), "--steps", "100000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    saving: list[str] = []
-    try:
-        while True:
-            names = set(os.listdir(out))
-            new_tmp = [n for n in names - start if ".tmp-" in n]
-            if new_tmp and len([n for n in names - start if re.fullmatch(r"step-\d+", n)]) >= rng.randint(0, 2):
-                time.sleep(rng.uniform(0.0, 0.02))
-                saving = [n for n in os.listdir(out) if ".tmp-" in n]
-                proc.send_signal(signal.SIGKILL)
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint save observed"
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
-        proc.stderr.close()
-    return {"returncode": proc.returncode, "saving_at_kill": saving}
+    min_new = rng.randint(0, 2)
+    return _sigkill_during_save(
+        proc, out, lambda names: any(".tmp-" in n for n in names - start) and len(_checkpoints(names - start)) >= min_new,
+        rng, timeout)
 
 
 # ----------------------------------------------------------------------------------------------- corrupt bundles
