@@ -22,7 +22,18 @@ from tests.helpers import ServerProcess, metric_samples, metric_total
 from tests.serve.conftest import serve
 
 MODEL = "tiny-consistency"
-HEAVY = {"n": 16, "steps": 2}  # the largest request: keeps a max_batch=1 queue busy for a while
+HEAVY = {"n": 16, "steps": 2}  # a large request: with max_batch=1 on the busy model, tens of ms of backend each
+BUSY_BUNDLE = Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-scd"
+
+
+@pytest.fixture(scope="module")
+def busy_bundle() -> Path:
+    """The shipped digits-scd bundle (a real 0.7M-parameter UNet at 16x16). The queueing tests need a backend slow
+    enough that requests pile up behind max_batch=1: the tiny 8x8 model answers faster than HTTP can deliver
+    requests on a fast machine, so its queue may never build."""
+    if not (BUSY_BUNDLE / "manifest.json").is_file():
+        pytest.fail(f"the bundled model is missing: {BUSY_BUNDLE}")
+    return BUSY_BUNDLE
 
 
 def wait_queue(url: str, depth: int, timeout: float = 30.0) -> None:
@@ -41,9 +52,9 @@ def send_and_vanish(port: int, body: bytes) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- disconnects
-def test_clients_that_vanish_while_queued_cost_no_backend_run(rel_bundle):
+def test_clients_that_vanish_while_queued_cost_no_backend_run(busy_bundle):
     flood, gone = 16, 4
-    with serve(bundle=[rel_bundle], max_batch=1, max_wait_ms=0, max_queue=64) as s:
+    with serve(bundle=[busy_bundle], max_batch=1, max_wait_ms=0, max_queue=64) as s:
         before = metric_samples(s.url)
         runs0 = metric_total(before, "quickstep_backend_runs_total")
         with ThreadPoolExecutor(flood) as ex:
@@ -97,10 +108,10 @@ def test_backend_exception_fails_only_its_batch(rel_bundle):
 
 
 # ----------------------------------------------------------------------------------------------- SIGTERM
-def test_sigterm_drains_in_flight_requests(rel_bundle, tmp_path):
+def test_sigterm_drains_in_flight_requests(busy_bundle, tmp_path):
     """SIGTERM while 24 heavy requests are queued or running: every one is answered 200, then the process exits."""
     n = 24
-    with ServerProcess([rel_bundle], ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "64"],
+    with ServerProcess([busy_bundle], ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "64"],
                        log_path=tmp_path / "server.log") as srv:
         srv.wait_ready()
         with ThreadPoolExecutor(n) as ex:
