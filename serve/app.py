@@ -109,9 +109,11 @@ class GatewayMiddleware:
                 status[0] = message["status"]
             await send(message)
 
+        self.metrics.in_progress.inc()
         try:
             await self._handle(scope, receive, send_tracked)
         finally:
+            self.metrics.in_progress.dec()
             route = self._route(scope)
             self.metrics.requests.labels(route, scope.get("method", ""), str(status[0])).inc()
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - t0)

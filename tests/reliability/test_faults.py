@@ -44,6 +44,19 @@ def wait_queue(url: str, depth: int, timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def wait_received(url: str, n: int, timeout: float = 30.0) -> None:
+    """Until the server has read all `n` /v1/generate requests (in progress + answered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metric_samples(url)
+        got = (metric_total(m, "quickstep_requests_in_progress") - 1  # minus this /metrics request
+               + metric_total(m, "quickstep_requests_total", route="/v1/generate"))
+        if got >= n:
+            return
+        assert time.monotonic() < deadline, f"the server received only {got} of {n} requests"
+        time.sleep(0.005)
+
+
 def send_and_vanish(port: int, body: bytes) -> None:
     """A complete POST /v1/generate whose client closes the connection without reading the answer."""
     with socket.create_connection(("127.0.0.1", port)) as s:
@@ -117,7 +130,7 @@ def test_sigterm_drains_in_flight_requests(busy_bundle, tmp_path):
         with ThreadPoolExecutor(n) as ex:
             futs = [ex.submit(httpx.post, srv.url + "/v1/generate", json={**HEAVY, "seed": i}, timeout=120)
                     for i in range(n)]
-            wait_queue(srv.url, 6)
+            wait_received(srv.url, n)  # a connection whose request was not yet read is closed at shutdown
             srv.signal(signal.SIGTERM)
             pending_at_signal = sum(not f.done() for f in futs)
             rs = [f.result() for f in futs]

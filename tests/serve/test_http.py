@@ -219,6 +219,7 @@ def test_metrics_parse(server):
     ok = [x for x in s["quickstep_requests_total"]
           if x.labels["route"] == "/v1/generate" and x.labels["status"] == "200"]
     assert ok and ok[0].value >= 1
+    assert [x.value for x in s["quickstep_requests_in_progress"]] == [1.0]  # only this /metrics request
     bad = [x for x in s["quickstep_requests_total"] if x.labels["status"] == "422"]
     assert bad
 
