@@ -176,7 +176,8 @@ class Evaluator:
         f = self.features(uint8_to_float(images))
         m = min(500, len(f), len(self.ref_features))
         k_mean, k_std = kid(f, self.ref_features, subsets=20, subset_size=m,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed),
+                            normalize=not self.feature_net.startswith("Inception"))
         prec, rec = precision_recall(self.ref_features, f, k=3)
         q = {"fd": frechet_distance(f, self.ref_features), "kid": k_mean, "kid_std": k_std,
              "precision": prec, "recall": rec}

@@ -3,7 +3,8 @@
 - Frechet distance (FD; Heusel et al. 2017, "FID" with Inception features): ||mu_a - mu_b||^2 +
   tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), computed in float64 through symmetric eigendecompositions.
 - KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3,
-  averaged over random subsets (mean and std reported).
+  averaged over random subsets (mean and std reported); optionally on features normalised by the reference RMS
+  (for feature spaces other than Inception's, whose scale the kernel does not expect).
 - Precision / recall with k-NN manifolds (Kynkaanniemi et al. 2019).
 - For low-dimensional samples: sliced Wasserstein-2 and the RBF-kernel MMD^2.
 Feature extractors live in `classifier.py` (digits) and `inception.py` (CIFAR-10/ImageNet).
@@ -76,11 +77,19 @@ def mmd2_unbiased(kxx: torch.Tensor, kyy: torch.Tensor, kxy: torch.Tensor) -> fl
 
 
 def kid(feat_a: torch.Tensor | np.ndarray, feat_b: torch.Tensor | np.ndarray, *, subsets: int = 100,
-        subset_size: int = 1000, generator: torch.Generator | None = None) -> tuple[float, float]:
-    """Kernel Inception Distance: (mean, std) over `subsets` random subsets of the unbiased polynomial MMD^2."""
+        subset_size: int = 1000, generator: torch.Generator | None = None,
+        normalize: bool = False) -> tuple[float, float]:
+    """Kernel Inception Distance: (mean, std) over `subsets` random subsets of the unbiased polynomial MMD^2.
+
+    The kernel (x.y / d + 1)^3 assumes features of order one per dimension, as Inception pool3 features are. For
+    other feature spaces pass `normalize=True`: both sets are divided by the RMS of the reference set `feat_b`
+    (one scalar), which makes KID invariant to the feature scale."""
     a, b = _as_2d(feat_a, "feat_a"), _as_2d(feat_b, "feat_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
+    if normalize:
+        rms = b.pow(2).mean().sqrt().clamp_min(1e-12)
+        a, b = a / rms, b / rms
     m = min(subset_size, a.shape[0], b.shape[0])
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     vals = []

@@ -101,12 +101,14 @@ def generate(model, sampler: str, steps: int, n: int, *, seed: int = 0, batch_si
 
 
 # ----------------------------------------------------------------------------------------------- quality
-def _image_quality(run: SampleRun, ref_feats: torch.Tensor, feat_fn, *, classify_fn=None) -> dict[str, Any]:
+def _image_quality(run: SampleRun, ref_feats: torch.Tensor, feat_fn, *, classify_fn=None,
+                   kid_normalize: bool = False) -> dict[str, Any]:
     from .metrics import frechet_distance, kid, precision_recall
 
     x = run.samples.clamp(-1, 1)
     f = feat_fn(x)
-    k_mean, k_std = kid(f, ref_feats, subsets=20, subset_size=min(500, len(f), len(ref_feats)))
+    k_mean, k_std = kid(f, ref_feats, subsets=20, subset_size=min(500, len(f), len(ref_feats)),
+                        normalize=kid_normalize)
     prec, rec = precision_recall(ref_feats, f, k=3)
     q: dict[str, Any] = {"fd": frechet_distance(f, ref_feats), "kid": k_mean, "kid_std": k_std,
                          "precision": prec, "recall": rec}
@@ -334,7 +336,8 @@ def evaluate_checkpoint(
 
             q = sample_quality(run.samples, mixture, generator=torch.Generator().manual_seed(seed)).to_dict()
         elif feat_fn is not None:
-            q = _image_quality(run, ref_feats, feat_fn, classify_fn=classify_fn)
+            q = _image_quality(run, ref_feats, feat_fn, classify_fn=classify_fn,
+                               kid_normalize=inception is None)  # the digits classifier's features
         else:
             q = {}
         report["quality"].append(_row(run, q))

@@ -70,6 +70,19 @@ def test_kid_zero_for_same_distribution_positive_for_shift():
     assert diff > 20 * max(same_std, 1e-4)
 
 
+def test_kid_normalized_is_scale_invariant():
+    """With normalize=True, multiplying both feature sets by 1000 leaves KID unchanged (raw KID explodes)."""
+    g = _gen(5)
+    a = torch.randn(600, 32, generator=g).abs()
+    c = torch.randn(600, 32, generator=g).abs() + 0.3
+    unit = kid(a, c, subsets=10, subset_size=300, generator=_gen(6), normalize=True)
+    big = kid(a * 1000, c * 1000, subsets=10, subset_size=300, generator=_gen(6), normalize=True)
+    assert big == pytest.approx(unit, rel=1e-6)
+    assert unit[0] > 5 * unit[1] > 0
+    raw_big = kid(a * 1000, c * 1000, subsets=10, subset_size=300, generator=_gen(6))
+    assert abs(raw_big[0]) > 1e6 * abs(unit[0])
+
+
 def test_precision_recall_detects_mode_dropping():
     g = _gen(4)
     real = torch.cat([torch.randn(500, 2, generator=g) * 0.1 + torch.tensor([2.0, 0.0]),
