@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,24 @@ STUDENTS = ("sct", "scd", "direct-cm", "cd")
 NEEDS_TEACHER = {"scd", "direct-cm", "cd"}
 
 
+def _env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _run(cmd: list[str], threads: int, log: list[dict[str, Any]]) -> float:
+    """Run one `quickstep-train` subprocess; record its command line and wall time; raise on failure."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(threads))
+    secs = time.perf_counter() - t0
+    shown = " ".join(["quickstep-train", *cmd[3:]])
+    log.append({"command": shown, "seconds": round(secs, 1), "rc": proc.returncode})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shown} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return secs
+
+
 def run_fit(preset: str, out: Path, steps: int, seed: int, extra: list[str], log: list[dict[str, Any]],
-            teacher: Path | None = None) -> tuple[Path, float]:
+            teacher: Path | None = None, threads: int = 1) -> tuple[Path, float]:
     """`quickstep-train fit` in a subprocess; returns (run dir, wall seconds) and records the command."""
     cmd = [sys.executable, "-m", "quickstep.train.cli", "fit", "--preset", preset, "--out", str(out),
            "--steps", str(steps), "--set", f"seed={seed}", *sum((["--set", e] for e in extra), [])]
@@ -40,14 +58,34 @@ def run_fit(preset: str, out: Path, steps: int, seed: int, extra: list[str], log
         cmd += ["--teacher", str(teacher)]
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    secs = time.perf_counter() - t0
-    shown = " ".join(["quickstep-train", *cmd[3:]])
-    log.append({"command": shown, "seconds": round(secs, 1), "rc": proc.returncode})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shown} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return out, secs
+    return out, _run(cmd, threads, log)
+
+
+def run_eval(ckpt: Path, out: Path, steps: tuple[int, ...], args: argparse.Namespace, seed: int,
+             log: list[dict[str, Any]], teacher: Path | None = None, threads: int = 1) -> dict[str, Any]:
+    """`quickstep-train eval` in a subprocess (the same code as the CLI users run); returns its report.json."""
+    cmd = [sys.executable, "-m", "quickstep.train.cli", "eval", "--ckpt", str(ckpt), "--out", str(out),
+           "--steps", ",".join(map(str, steps)), "--n", str(args.n), "--nll-n", str(args.nll_n),
+           "--diag-n", str(args.diag_n), "--seed", str(seed), "--device", args.device_eval, "--no-progress"]
+    if teacher is not None:
+        cmd += ["--teacher", str(teacher)]
+    _run(cmd, threads, log)
+    return json.loads((out / "report.json").read_text())
+
+
+TEACHER_COLUMNS = {
+    "gmm": ("sliced_w2", "mmd", "log_likelihood", "nll", "score_err", "fpe", "cp", "s_per_img", "train_seconds"),
+    "digits": ("fd", "kid", "precision", "recall", "class_accuracy", "bpd", "s_per_img", "train_seconds"),
+}
+STUDENT_COLUMNS = {
+    "gmm": ("sliced_w2", "mmd", "log_likelihood", "s_per_img", "ode_teacher", "ode_exact", "train_seconds"),
+    "digits": ("fd", "kid", "precision", "recall", "class_accuracy", "s_per_img", "ode_teacher", "train_seconds"),
+}
+TITLES = {"sliced_w2": "sliced_w2", "mmd": "mmd", "log_likelihood": "log_likelihood", "nll": "nll (test, nats)",
+          "score_err": "score err (σ²-norm.)", "fpe": "FPE residual", "cp": "CP violation", "s_per_img": "s/img",
+          "train_seconds": "train s", "fd": "FD", "kid": "KID", "precision": "precision", "recall": "recall",
+          "class_accuracy": "class acc", "bpd": "bits/dim (test)", "ode_teacher": "ODE err vs teacher",
+          "ode_exact": "ODE err vs exact"}
 
 
 def mean_std(vals: list[float]) -> str:
@@ -71,7 +109,8 @@ def teacher_row(rep: dict[str, Any]) -> dict[str, float]:
     q = [r for r in rep["quality"] if r["nfe"] == 35][0]
     d = rep.get("diagnostics", {})
     return {"sliced_w2": q.get("sliced_w2"), "mmd": q.get("mmd"), "log_likelihood": q.get("log_likelihood"),
-            "fd": q.get("fd"), "s_per_img": q["seconds_per_image"],
+            "fd": q.get("fd"), "kid": q.get("kid"), "precision": q.get("precision"), "recall": q.get("recall"),
+            "class_accuracy": q.get("class_accuracy"), "s_per_img": q["seconds_per_image"],
             "nll": (rep.get("nll") or {}).get("nll_nats"), "bpd": (rep.get("nll") or {}).get("bits_per_dim"),
             "score_err": band_mean(d["score_error"]) if d else None,
             "fpe": band_mean(d["fpe_residual"]) if d else None,
@@ -79,7 +118,7 @@ def teacher_row(rep: dict[str, Any]) -> dict[str, float]:
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
-    from quickstep.train.eval.report import evaluate_checkpoint, hardware
+    from quickstep.train.eval.report import hardware
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,46 +126,51 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     data = args.part
     prefix = "gmm2d" if data == "gmm" else "digits"
     # sCD needs a teacher whose time embedding is smooth in t (see the gmm2d-scd preset): same for every teacher
-    extra = ["model.backbone.time_scale=10"] if data == "gmm" else []
+    extra = ["model.backbone.time_scale=10"]
     if args.device != "auto":
         extra.append(f"device={args.device}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     log: list[dict[str, Any]] = []
     start = time.perf_counter()
     results: dict[str, Any] = {"hardware": hardware(), "teachers": {}, "students": {}, "commands": log,
                                "settings": vars(args)}
-    teacher_dirs: dict[str, dict[int, Path]] = {}
-    for variant in TEACHERS:
-        rows = []
-        for seed in seeds:
-            run_dir, secs = run_fit(f"{prefix}-{variant}", out / f"teacher-{variant}-s{seed}", args.teacher_steps,
-                                    seed, extra, log)
-            teacher_dirs.setdefault(variant, {})[seed] = run_dir
-            rep = evaluate_checkpoint(run_dir, steps=(1, 4, 18) if data == "gmm" else (18,), n=args.n,
-                                      out=out / f"eval-teacher-{variant}-s{seed}", nll_n=args.nll_n,
-                                      diagnostics_n=args.diag_n, seed=seed, device=args.device_eval,
-                                      progress=False)
-            rows.append({**teacher_row(rep), "train_seconds": secs, "report": rep})
-            print(f"teacher {variant} seed {seed}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'report'})}",
-                  flush=True)
-        results["teachers"][variant] = rows
+    teacher_steps = (1, 4, 18) if data == "gmm" else (18,)
+
+    def teacher_job(variant: str, seed: int) -> dict[str, Any]:
+        run_dir, secs = run_fit(f"{prefix}-{variant}", out / f"teacher-{variant}-s{seed}", args.teacher_steps,
+                                seed, extra, log, threads=threads)
+        rep = run_eval(run_dir, out / f"eval-teacher-{variant}-s{seed}", teacher_steps, args, seed, log,
+                       threads=threads)
+        row = {**teacher_row(rep), "train_seconds": secs, "run_dir": str(run_dir), "report": rep}
+        print(f"teacher {variant} seed {seed}: {json.dumps({k: v for k, v in row.items() if k != 'report'})}",
+              flush=True)
+        return row
+
+    with ThreadPoolExecutor(args.jobs) as ex:  # each job is a subprocess: the threads only wait
+        futs = {(v, sd): ex.submit(teacher_job, v, sd) for v in TEACHERS for sd in seeds}
+        for v in TEACHERS:
+            results["teachers"][v] = [futs[v, sd].result() for sd in seeds]
     # the best teacher: lowest mean sliced W2 (gmm) / FD (digits) at 35 NFE
     key = "sliced_w2" if data == "gmm" else "fd"
     best = min(TEACHERS, key=lambda v: statistics.fmean(r[key] for r in results["teachers"][v]))
     results["best_teacher"] = best
-    teacher_ckpt = teacher_dirs[best][seeds[0]]
-    for student in STUDENTS:
-        rows = []
-        for seed in seeds[: args.student_seeds]:
-            run_dir, secs = run_fit(f"{prefix}-{student}", out / f"student-{student}-s{seed}", args.student_steps,
-                                    seed, extra if student == "sct" else [e for e in extra if "time_scale" not in e],
-                                    log, teacher=teacher_ckpt if student in NEEDS_TEACHER else None)
-            rep = evaluate_checkpoint(run_dir, steps=(1, 2), n=args.n, out=out / f"eval-student-{student}-s{seed}",
-                                      teacher=teacher_ckpt, seed=seed, device=args.device_eval, progress=False)
-            rows.append({"train_seconds": secs, "report": rep})
-            print(f"student {student} seed {seed}: "
-                  f"{json.dumps([{k: r.get(k) for k in ('nfe', key, 'seconds_per_image')} for r in rep['quality']])}",
-                  flush=True)
-        results["students"][student] = rows
+    teacher_ckpt = Path(results["teachers"][best][0]["run_dir"])
+
+    def student_job(student: str, seed: int) -> dict[str, Any]:
+        run_dir, secs = run_fit(f"{prefix}-{student}", out / f"student-{student}-s{seed}", args.student_steps, seed,
+                                extra if student == "sct" else [e for e in extra if "time_scale" not in e], log,
+                                teacher=teacher_ckpt if student in NEEDS_TEACHER else None, threads=threads)
+        rep = run_eval(run_dir, out / f"eval-student-{student}-s{seed}", (1, 2), args, seed, log,
+                       teacher=teacher_ckpt, threads=threads)
+        print(f"student {student} seed {seed}: "
+              f"{json.dumps([{k: r.get(k) for k in ('nfe', key, 'seconds_per_image')} for r in rep['quality']])}",
+              flush=True)
+        return {"train_seconds": secs, "report": rep}
+
+    with ThreadPoolExecutor(args.jobs) as ex:
+        futs = {(st, sd): ex.submit(student_job, st, sd) for st in STUDENTS for sd in seeds[: args.student_seeds]}
+        for st in STUDENTS:
+            results["students"][st] = [futs[st, sd].result() for sd in seeds[: args.student_seeds]]
     results["seconds"] = time.perf_counter() - start
     (out / "study.json").write_text(json.dumps(results, indent=2, default=float))
     return results
@@ -144,41 +188,43 @@ def write_results_md(results: dict[str, Any], path: Path, figures_dir: Path) -> 
              f"Setting: teachers {s['teacher_steps']} steps, students {s['student_steps']} steps, seeds {s['seeds']}, "
              f"{s['n']} samples per evaluation. Reproduce with:", "", "```",
              f"python scripts/study.py --part {data} --teacher-steps {s['teacher_steps']} "
-             f"--student-steps {s['student_steps']} --seeds {s['seeds']} --n {s['n']} --out {s['out']}", "```", "",
+             f"--student-steps {s['student_steps']} --seeds {s['seeds']} --student-seeds {s['student_seeds']} "
+             f"--n {s['n']} --nll-n {s['nll_n']} --diag-n {s['diag_n']} --jobs {s.get('jobs', 1)} --out {s['out']}",
+             "```", "",
              "## (a) Teachers at equal steps (Heun 18 steps = 35 NFE; mean ± std over seeds)", ""]
-    cols = ["teacher", key, "mmd", "log_likelihood", "nll (test, nats)", "score err (σ²-norm.)", "FPE residual",
-            "CP violation", "s/img @35 NFE", "train s"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    tcols = TEACHER_COLUMNS[data]
+    lines += ["| teacher | " + " | ".join(TITLES[c] for c in tcols) + " |", "|" + "---|" * (len(tcols) + 1)]
     for v, rows in results["teachers"].items():
-        g = lambda k, rows=rows: mean_std([r[k] for r in rows])  # noqa: E731
-        lines.append(f"| {v} | {g(key)} | {g('mmd')} | {g('log_likelihood')} | {g('nll')} | {g('score_err')} | "
-                     f"{g('fpe')} | {g('cp')} | {g('s_per_img')} | {g('train_seconds')} |")
+        lines.append(f"| {v} | " + " | ".join(mean_std([r.get(c) for r in rows]) for c in tcols) + " |")
     floor = results["teachers"]["plain"][0]["report"]["quality"][0]
     if "true_sliced_w2" in floor:
         lines += ["", f"True-sample floor: sliced W2 {floor['true_sliced_w2']:.4g}, MMD {floor['true_mmd']:.3g}, "
                       f"log-likelihood {floor['true_log_likelihood']:.4g}; exact test NLL "
                       f"{results['teachers']['plain'][0]['report']['nll'].get('true_nll_nats', float('nan')):.4g} nats."]
+    ref = results["teachers"]["plain"][0]["report"].get("reference", {})
+    if "fd_test_vs_train" in ref:
+        lines += ["", f"Reference: FD of the digits test split against the training split "
+                      f"{ref['fd_test_vs_train']:.4g} (the floor at this sample size)."]
     lines += ["", f"Best teacher (lowest {key}): **{results['best_teacher']}** (its seed-{s['seeds'].split(',')[0]} "
                   "checkpoint is the sCD / Direct CM / CD teacher).", "",
               "## (b) Students against the teacher", ""]
-    cols = ["model", "NFE", key, "mmd", "log_likelihood", "s/img", "ODE err vs teacher", "ODE err vs exact", "train s"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    scols = STUDENT_COLUMNS[data]
+    lines += ["| model | NFE | " + " | ".join(TITLES[c] for c in scols) + " |", "|" + "---|" * (len(scols) + 2)]
     best_rows = results["teachers"][results["best_teacher"]]
     tq = [r for r in best_rows[0]["report"]["quality"] if r["nfe"] == 35][0]
-    lines.append(f"| teacher ({results['best_teacher']}, Heun) | 35 | {tq.get(key, float('nan')):.4g} | "
-                 f"{tq.get('mmd', float('nan')):.3g} | {tq.get('log_likelihood', float('nan')):.4g} | "
-                 f"{tq['seconds_per_image']:.2e} | - | - | - |")
+    tq = {**tq, "s_per_img": tq["seconds_per_image"]}
+    lines.append(f"| teacher ({results['best_teacher']}, Heun) | 35 | "
+                 + " | ".join(f"{tq[c]:.4g}" if isinstance(tq.get(c), float) else "-" for c in scols) + " |")
     for st, rows in results["students"].items():
         for nfe in (1, 2):
-            qs = [[q for q in r["report"]["quality"] if q["nfe"] == nfe][0] for r in rows]
-            ode = [r["report"].get("ode_error", []) for r in rows]
-            vs_t = [next((o["mse"] for o in od if o["reference"].startswith("teacher")), None) for od in ode]
-            vs_x = [next((o["mse"] for o in od if o["reference"].startswith("exact")), None) for od in ode]
-            lines.append(f"| {st} | {nfe} | {mean_std([q.get(key) for q in qs])} | "
-                         f"{mean_std([q.get('mmd') for q in qs])} | {mean_std([q.get('log_likelihood') for q in qs])} | "
-                         f"{mean_std([q['seconds_per_image'] for q in qs])} | "
-                         f"{mean_std(vs_t) if nfe == 1 else '-'} | {mean_std(vs_x) if nfe == 1 else '-'} | "
-                         f"{mean_std([r['train_seconds'] for r in rows])} |")
+            qs = [{**[q for q in r["report"]["quality"] if q["nfe"] == nfe][0], "train_seconds": r["train_seconds"]}
+                  for r in rows]
+            for q, r in zip(qs, rows, strict=True):
+                q["s_per_img"] = q["seconds_per_image"]
+                ode = r["report"].get("ode_error", []) if nfe == 1 else []
+                q["ode_teacher"] = next((o["mse"] for o in ode if o["reference"].startswith("teacher")), None)
+                q["ode_exact"] = next((o["mse"] for o in ode if o["reference"].startswith("exact")), None)
+            lines.append(f"| {st} | {nfe} | " + " | ".join(mean_std([q.get(c) for q in qs]) for c in scols) + " |")
     # figures: copy the per-sigma plots of each teacher's first seed and the student sample scatters
     figs = []
     for v, rows in results["teachers"].items():
@@ -219,12 +265,16 @@ def reading(results: dict[str, Any], key: str) -> list[str]:
         return "not resolved (within one std)"
 
     out = []
+    lik = "nll" if key == "sliced_w2" else "bpd"
     for name, v, k, what in (("CDM: CP lowers the CP violation", "cp", "cp", "CP violation"),
                              ("FP-Diffusion: FP lowers the score-FPE residual", "fp", "fpe", "FPE residual"),
-                             ("FP-Diffusion: FP improves likelihood", "fp", "nll", "test NLL"),
+                             ("FP-Diffusion: FP improves likelihood", "fp", lik, f"test {lik}"),
                              ("STF: STF improves samples at 35 NFE", "stf", key, key),
-                             ("CDM: CP improves samples", "cp", key, key)):
+                             ("CDM: CP improves samples", "cp", key, key),
+                             ("All three combined improve samples", "all", key, key)):
         a, b = ms(v, k), ms("plain", k)
+        if a[0] != a[0] or b[0] != b[0]:  # NaN: not measured on this data set (exact diagnostics need a GMM)
+            continue
         out.append(f"- {name}: {what} {a[0]:.4g} ± {a[1]:.2g} (+{v}) vs {b[0]:.4g} ± {b[1]:.2g} (plain): "
                    f"**{verdict(a, b)}**.")
     st = results["students"]
@@ -266,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diag-n", type=int, default=256)
     p.add_argument("--device", default="auto", help="training device (auto|cpu|cuda)")
     p.add_argument("--device-eval", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cpu_count/jobs threads)")
     p.add_argument("--results", default=None, help="markdown output (default docs/results.md; docs/results-digits.md)")
     p.add_argument("--from-json", default=None, help="only rewrite the markdown from an earlier study.json")
     args = p.parse_args(argv)
