@@ -10,7 +10,7 @@ import torch
 from quickstep.train.data import gmm_preset
 from quickstep.train.losses import OBJECTIVES, Batch, StepContext, build_objective
 from quickstep.train.losses.cp import cp_estimate, edm_grid
-from quickstep.train.losses.fp import divergence, fpe_residual
+from quickstep.train.losses.fp import divergence, fpe_residual, fpe_terms
 from quickstep.train.losses.stf import stf_targets
 
 MIX = gmm_preset("ring8")
@@ -91,6 +91,42 @@ def test_fp_residual_vanishes_for_the_exact_score(sigma):
     assert r.norm(dim=1).mean() < 1e-4
     assert r32.norm(dim=1).mean() < 1e-3
     assert rp.norm(dim=1).mean() > 5e-3 and rp.norm(dim=1).mean() > 50 * r32.norm(dim=1).mean()
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 2.0])
+def test_fp_scalar_has_zero_mean_for_the_exact_score(sigma):
+    """Stein's identity: E_x[div s + ||s||^2] = 0 under the noisy marginal for the exact score; a score scaled by
+    1.3 gives E = (1.3^2 - 1.3) E||s||^2 > 0."""
+    g = torch.Generator().manual_seed(7)
+    _, x, s = _noisy(20_000, sigma, g)
+    _, q = fpe_terms(_exact_score, x, s, create_graph=False)
+    _, q_bad = fpe_terms(lambda x, s, y=None: 1.3 * MIX.score(x, s), x, s, create_graph=False)
+    q, q_bad = sigma**2 * q.detach(), sigma**2 * q_bad.detach()  # dimensionless
+    se = q.std() / math.sqrt(len(q))
+    assert abs(q.mean()) < 4 * se
+    assert q_bad.mean() > 10 * q_bad.std() / math.sqrt(len(q))
+
+
+def test_fp_scalar_term_is_added_when_beta_is_positive():
+    from quickstep.train.losses.fp import FPConfig, FPLoss
+
+    obj = FPLoss(FPConfig(scalar_weight=0.01, divergence="exact"))
+    w = torch.tensor(1.0, requires_grad=True)
+
+    class Model:
+        sigma_data = 0.5
+
+        def edm_score(self, x, sigma, labels=None):
+            return w * MIX.score(x, sigma)
+
+    x = MIX.sample(32, torch.Generator().manual_seed(8))
+    batch = Batch(x=x, y=None)
+    terms = obj(Model(), batch, _ctx(32, batch=batch))
+    assert set(terms) == {"fp", "fp_scalar"} and bool(terms["fp_scalar"] > 0)
+    terms["fp_scalar"].backward()
+    assert w.grad is not None and torch.isfinite(w.grad)
+    with pytest.raises(ValueError, match="scalar_weight"):
+        FPLoss(FPConfig(scalar_weight=-1.0))
 
 
 def test_hutchinson_divergence_is_unbiased():

@@ -8,6 +8,9 @@ coordinate) or one Hutchinson probe otherwise, and create_graph VJPs so the loss
 double backward.  No stop-gradient anywhere (as in the paper).
 Loss: alpha * mean_b [w(sigma) mean_d r^2] with w = sigma^4 ("sigma4": makes sigma^2 r dimensionless, O(1)
 across noise levels) or w = 2 sigma ("ll": FP-Diffusion's likelihood weighting g^2 in EDM time).
+Optional scalar term beta * R_sc (the paper's scalar_fp="both"): R_sc = || c(sigma) (div s + ||s||^2) ||_2, the L2
+norm across the batch, with c = g^2/2 = sigma ("ll", as the paper) or c = sigma^2 / D ("sigma4", dimensionless).
+It is unanchored (log p is not modelled); for the exact score E_x[div s + ||s||^2] = 0 (Stein's identity).
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def fpe_residual(score_fn, x: torch.Tensor, sigma: torch.Tensor, class_labels=No
 
     `score_fn(x_sigma, sigma [B], class_labels)` is the EDM score (e.g. `model.edm_score`); x: [B, ...];
     probe: None for the exact divergence, else a Rademacher tensor like x for Hutchinson."""
+    return fpe_terms(score_fn, x, sigma, class_labels, h_rel=h_rel, probe=probe, create_graph=create_graph)[0]
+
+
+def fpe_terms(score_fn, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, *, h_rel: float = 1e-3,
+              probe: torch.Tensor | None = None, create_graph: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r [B, ...], q [B]): the score-FPE residual and the scalar q = div s + ||s||^2 it is built from."""
     x = x.detach().requires_grad_(True)
     s = score_fn(x, sigma, class_labels)  # [B, ...]
     q = divergence(s, x, probe=probe, create_graph=True) + s.flatten(1).square().sum(1)  # [B]
@@ -50,7 +59,7 @@ def fpe_residual(score_fn, x: torch.Tensor, sigma: torch.Tensor, class_labels=No
     ds = (score_fn(x, sigma + h, class_labels) - score_fn(x, sigma - h, class_labels))  # [B, ...]
     shape = (-1, *([1] * (x.ndim - 1)))
     ds = ds / (2 * h).reshape(shape)
-    return ds - sigma.reshape(shape) * grad_q
+    return ds - sigma.reshape(shape) * grad_q, q
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class FPConfig:
     (on gmm2d, alpha >= 0.01 visibly slows the fit of the score: FP is a gentle regulariser, see methods.md §2)."""
 
     weight: float = 0.003
+    scalar_weight: float = 0.0  # beta of the scalar term R_sc (the paper's default 0.01 with its "ll" weighting)
     h_rel: float = 1e-3  # finite-difference step relative to sigma
     divergence: str = "auto"  # "exact" | "hutchinson" | "auto" (exact when D <= exact_max_dim)
     exact_max_dim: int = 16
@@ -72,15 +82,15 @@ class FPConfig:
 
 @register_objective("fp", FPConfig)
 class FPLoss:
-    """Score-FPE residual penalty alpha * R_vec (Lai et al. 2023, Eq. 12), EDM view."""
+    """Score-FPE residual penalty alpha * R_vec (+ beta * R_sc) (Lai et al. 2023, Eq. 12), EDM view."""
 
     def __init__(self, config: FPConfig):
         allowed = {"divergence": ("auto", "exact", "hutchinson"), "weighting": ("sigma4", "ll")}
         for key, values in allowed.items():
             if getattr(config, key) not in values:
                 raise ValueError(f"fp.{key} = {getattr(config, key)!r}; allowed: {', '.join(values)}")
-        if config.every < 1 or not 0 < config.batch_fraction <= 1 or config.h_rel <= 0:
-            raise ValueError("fp: every >= 1, 0 < batch_fraction <= 1 and h_rel > 0 are required")
+        if config.every < 1 or not 0 < config.batch_fraction <= 1 or config.h_rel <= 0 or config.scalar_weight < 0:
+            raise ValueError("fp: every >= 1, 0 < batch_fraction <= 1, h_rel > 0 and scalar_weight >= 0 are required")
         self.config = config
 
     def __call__(self, model, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -96,10 +106,16 @@ class FPLoss:
         y = None if batch.y is None else batch.y[:k]
         device_type = x_sigma.device.type
         with torch.autocast(device_type=device_type, enabled=False):  # finite differences need float32
-            r = fpe_residual(model.edm_score, x_sigma[:k].float(), sigma[:k].float(), y, h_rel=c.h_rel,
-                             probe=None if probe is None else probe[:k])
+            r, q = fpe_terms(model.edm_score, x_sigma[:k].float(), sigma[:k].float(), y, h_rel=c.h_rel,
+                             probe=None if probe is None else probe[:k])  # [k, ...], [k]
         s = sigma[:k].float()
         w = s**4 if c.weighting == "sigma4" else 2 * s  # [k]
         per = w * r.flatten(1).square().mean(1)  # [k]
         ctx.metrics["fp_residual"] = per.detach().mean()
-        return {"fp": c.weight * c.every * per.mean()}
+        terms = {"fp": c.weight * c.every * per.mean()}
+        if c.scalar_weight > 0:
+            scale = s**2 / dim if c.weighting == "sigma4" else s  # [k]
+            r_sc = (scale * q).norm()  # the L2 norm across the batch
+            ctx.metrics["fp_scalar_norm"] = r_sc.detach()
+            terms["fp_scalar"] = c.scalar_weight * c.every * r_sc
+        return terms
