@@ -71,11 +71,18 @@ def test_429_queue_full(server):
 
 
 def test_504_deadline(server):
+    """A 50 ms deadline on a request that cannot run (the worker is held): 504 soon after, not at release."""
     server.wait_ready(30)
-    t0 = time.perf_counter()
-    r = httpx.post(server.url + "/v1/generate", json={"n": 16, "steps": 2}, headers={**AUTH, "X-Timeout-Ms": "1"})
+    gate = hold_worker(server)
+    try:
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/generate", json={"n": 16, "steps": 2},
+                       headers={**AUTH, "X-Timeout-Ms": "50"}, timeout=30)
+        took = time.perf_counter() - t0
+    finally:
+        gate.set()
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-    assert time.perf_counter() - t0 < 5
+    assert 0.05 <= took < 5
     # the server still answers normally afterwards
     assert httpx.post(server.url + "/v1/generate", json={}, headers=AUTH).status_code == 200
 
