@@ -29,6 +29,7 @@ from quickstep.train.core.checkpoint import (
 
 from .onnx import (
     EXPORTER,
+    SHARED_DATA,
     ExportError,
     GraphSpec,
     ParityError,
@@ -41,6 +42,7 @@ from .onnx import (
     heun_graph,
     onnx_parity,
     require_image_model,
+    share_weights,
 )
 
 FORMAT = "quickstep-bundle"
@@ -178,7 +180,8 @@ def export_bundle(
     tolerance: float | None = None,
     denoiser_tolerance: float | None = None,
 ) -> Path:
-    """Export a checkpoint to a bundle at `out_dir` (ONNX graphs, denoiser.onnx, torch weights, manifest.json).
+    """Export a checkpoint to a bundle at `out_dir` (ONNX graphs, denoiser.onnx, their shared weights file
+    weights.onnx.data, torch weights, manifest.json).
 
     Consistency bundles get generator_{n}step.onnx for n in `steps` (subset of {1, 2}); diffusion bundles get
     generator_heun{n}.onnx for n in `heun_steps`.  Every bundle gets denoiser.onnx.  Each graph must match the
@@ -214,10 +217,12 @@ def export_bundle(
             parity["onnxruntime"][spec.key] = entry
             if not entry["passed"]:
                 raise ParityError(_parity_message(spec, entry))
+        shared = share_weights([tmp / spec.filename for spec in [*specs, denoiser_graph(model)]])
         write_ema_weights(ckpt_dir, tmp / WEIGHTS)
         shutil.copyfile(ckpt_dir / CONFIG, tmp / CONFIG)
         manifest = build_manifest(model, cfg, kind=kind, name=str(name), specs=specs, opset=opset,
                                   precision=precision, parity=parity, timings=timings)
+        manifest["onnx_external_data"] = {"file": SHARED_DATA, **shared}
         manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)
 

@@ -17,6 +17,7 @@ I/O (fp32 noise in, uint8 images out) stay fp32.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import time
 import warnings
@@ -241,6 +242,70 @@ def export_onnx(spec: GraphSpec, path: str | Path, *, opset: int = 17, fp16: boo
     seconds = time.perf_counter() - t0
     onnx.checker.check_model(str(path), full_check=True)
     return seconds
+
+
+# ----------------------------------------------------------------------------------------------- shared weights
+SHARED_DATA = "weights.onnx.data"
+DATA_ALIGN = 4096  # page-aligned offsets: onnxruntime can memory-map every tensor
+
+
+def share_weights(paths: Sequence[str | Path], data_name: str = SHARED_DATA, *, min_bytes: int = 1024) -> dict[str, int]:
+    """Move the initializers of several ONNX graphs in one directory into one deduplicated external-data file.
+
+    The 1- and 2-step generators and the denoiser hold the same network weights; ONNX's external-data mechanism
+    (`data_location = EXTERNAL`, location/offset/length) lets each graph point into one file `data_name` next to
+    it, so a bundle stores its weights once.  Tensors are deduplicated by content (sha256), so constants that
+    the exporter folded differently are still stored correctly.  Tensors under `min_bytes` stay inline.
+    Every rewritten graph is checked to give bit-identical outputs; returns counts for the export log."""
+    onnx = _import_onnx()
+    from onnx.external_data_helper import set_external_data
+
+    paths = [Path(p) for p in paths]
+    folder = paths[0].parent
+    if any(p.parent != folder for p in paths):
+        raise ExportError("share_weights: every graph must be in the same directory")
+    before = {p: _sample_outputs(p) for p in paths}
+    offsets: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
+    stats = {"tensors": 0, "unique": 0, "inline_bytes": 0, "data_bytes": 0}
+    with open(folder / data_name, "wb") as data:
+        for p in paths:
+            model = onnx.load(str(p))
+            for t in model.graph.initializer:
+                raw = t.raw_data
+                if len(raw) < min_bytes:
+                    stats["inline_bytes"] += len(raw)
+                    continue
+                key = hashlib.sha256(raw).hexdigest()
+                if key not in offsets:
+                    pad = -data.tell() % DATA_ALIGN
+                    data.write(b"\0" * pad)
+                    offsets[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                    stats["unique"] += 1
+                stats["tensors"] += 1
+                offset, length = offsets[key]
+                set_external_data(t, location=data_name, offset=offset, length=length)
+                t.ClearField("raw_data")
+            onnx.save_model(model, str(p))
+        stats["data_bytes"] = data.tell()
+    for p in paths:
+        onnx.checker.check_model(str(p), full_check=True)
+        after = _sample_outputs(p)
+        if any(not np.array_equal(a, b) for a, b in zip(before[p], after, strict=True)):
+            raise ExportError(f"{p.name}: outputs changed after moving its weights to {data_name}")
+    return stats
+
+
+def _sample_outputs(path: Path) -> list[np.ndarray]:
+    """The graph's outputs on fixed random inputs (batch 2): a fingerprint to compare rewrites against."""
+    sess = ort_session(path, threads=1)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sess.get_inputs():
+        shape = [2 if not isinstance(d, int) else d for d in i.shape]
+        feeds[i.name] = (rng.integers(0, 2, shape).astype(np.int64) if "int" in i.type
+                         else rng.standard_normal(shape).astype(np.float16 if "float16" in i.type else np.float32))
+    return sess.run(None, feeds)
 
 
 # ----------------------------------------------------------------------------------------------- onnxruntime

@@ -218,6 +218,9 @@ def write_triton_repository(
     den = manifest.get("denoiser") or {}
     if include_denoiser and backend == "onnxruntime" and den.get("onnx"):
         models.append((f"{base}_denoiser", den, bundle / den["onnx"]))
+    shared = str((manifest.get("onnx_external_data") or {}).get("file", ""))
+    if shared and (Path(shared).name != shared or shared.startswith(".")):
+        raise ExportError(f"manifest names an invalid external-data file {shared!r}")
     written: dict[str, Path] = {}
     for name, io, src in models:
         text = model_config(name, io, backend=backend, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
@@ -231,6 +234,8 @@ def write_triton_repository(
             (tmp / "config.pbtxt").write_text(text)
             (tmp / "1").mkdir()
             shutil.copyfile(src, tmp / "1" / MODEL_FILES[backend])
+            if backend == "onnxruntime" and (bundle / shared).is_file():  # the graph's external weights
+                shutil.copyfile(bundle / shared, tmp / "1" / shared)
 
         written[name] = atomic_write_dir(Path(out) / name, write)
     return written

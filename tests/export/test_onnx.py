@@ -30,7 +30,7 @@ def test_consistency_bundle_layout_and_manifest(cm_bundle: Path) -> None:
     m = read_manifest(cm_bundle)
     files = {p.name for p in cm_bundle.iterdir()}
     assert files == {MANIFEST, "generator_1step.onnx", "generator_2step.onnx", "denoiser.onnx",
-                     "model.safetensors", "config.json"}
+                     "weights.onnx.data", "model.safetensors", "config.json"}
     assert m["kind"] == "consistency" and m["steps_supported"] == [1, 2] and m["default_steps"] == 1
     assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["opset"] == 17
     assert m["times"]["1"] == pytest.approx([np.arctan(80 / 0.5)]) and m["times"]["2"][1] == pytest.approx(1.1)
@@ -43,6 +43,27 @@ def test_consistency_bundle_layout_and_manifest(cm_bundle: Path) -> None:
         entry = m["parity"]["onnxruntime"][key]
         assert entry["passed"] and {"max_abs_err_b1", "max_abs_err_b7"} <= set(entry)
     assert m["parity"]["onnxruntime"]["1"]["max_abs_err_b7"] <= 1
+
+
+def test_graphs_share_one_deduplicated_weights_file(cm_bundle: Path) -> None:
+    """The three graphs hold the same network: its weights are stored once, in weights.onnx.data, and every
+    large initializer of every graph points into it (page-aligned); the file is about one copy of the weights."""
+    from onnx.external_data_helper import uses_external_data
+    from quickstep.train.core.checkpoint import load_weights
+
+    info = read_manifest(cm_bundle)["onnx_external_data"]
+    data = (cm_bundle / "weights.onnx.data").stat().st_size
+    assert info["file"] == "weights.onnx.data" and info["data_bytes"] == data
+    assert info["tensors"] >= 3 * info["unique"] > 0  # 1 step + 2 steps (unrolled twice) + denoiser
+    ema_bytes = sum(v.numel() * 4 for k, v in load_weights(cm_bundle).items())
+    assert data < 1.5 * ema_bytes + 4096 * info["unique"]
+    for name in ("generator_1step.onnx", "generator_2step.onnx", "denoiser.onnx"):
+        g = onnx.load(str(cm_bundle / name), load_external_data=False).graph
+        ext = [t for t in g.initializer if uses_external_data(t)]
+        assert ext and all(dict((e.key, e.value) for e in t.external_data)["location"] == "weights.onnx.data"
+                           for t in ext)
+        assert all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0 for t in ext)
+        assert not any(t.raw_data for t in ext)
 
 
 def test_onnx_graph_has_dynamic_batch_and_declared_io(cm_bundle: Path) -> None:
