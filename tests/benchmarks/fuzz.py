@@ -4,7 +4,10 @@
         [--json out.json]
 
 Every operation of the schema gets positive (schema-valid) and negative (schema-violating) cases, about
-`--cases` in all. Checks: no 5xx (not_a_server_error, except the contract's explicit 503/504 JSON errors), documented status codes, content types, headers and
+`--cases` in all. The server is ready and unloaded and the cases are sent one at a time, so checks: no 5xx
+at all (a crash, backend failure, not-ready or shutting-down answer is a failure; generated X-Timeout-Ms
+deadlines are raised to MIN_DEADLINE_MS first so that a legitimate 504 cannot occur), no 429 (unless the caller
+deliberately runs a tiny queue: `allow_queue_full`), documented status codes, content types, headers and
 response bodies (status_code_conformance, content_type_conformance, response_headers_conformance,
 response_schema_conformance) and negative data rejected with a 4xx (negative_data_rejection).
 Prints a table per operation and the distinct failures; writes JSON; exit status 1 on any failure.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -41,36 +45,55 @@ class FuzzReport:
 
     @property
     def server_errors(self) -> int:
-        return sum(v for k, v in self.statuses.items() if k.startswith("5") and k not in ("503", "504"))
+        return sum(v for k, v in self.statuses.items() if k.startswith("5"))
 
 
 BODY_WEIGHT = 4  # an operation with a request body gets this many times the cases of one without
-EXPLICIT_5XX = {503: ("not_ready", "backend_failure", "shutting_down"), 504: ("deadline_exceeded",)}
+# A generated X-Timeout-Ms below this (the server's default 30 s cap) is raised to it before sending: a fuzzed
+# 1 ms deadline would make a 504 legitimate, and this fuzzer accepts no 5xx (tests/serve/test_limits.py covers 504).
+MIN_DEADLINE_MS = 30_000
+_PLAIN_NUMBER = re.compile(r"\s*(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
-def no_unexplained_server_error(ctx: Any, response: Any, case: Any) -> None:
-    """schemathesis' not_a_server_error, except the contract's explicit 503/504 answers (a JSON error whose code
-    says why: not ready, backend failure, shutting down, deadline exceeded) - a fuzzer may send X-Timeout-Ms: 1."""
-    if response.status_code < 500:
-        return
-    try:
-        code = json.loads(response.content)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        code = None
-    if code not in EXPLICIT_5XX.get(response.status_code, ()):
+def raise_short_deadlines(case: Any) -> None:
+    """Raise a valid, positive X-Timeout-Ms shorter than MIN_DEADLINE_MS to it (anything else is left as generated,
+    so malformed, zero and negative values are still fuzzed)."""
+    headers = case.headers or {}
+    for name, value in list(headers.items()):
+        if name.lower() == "x-timeout-ms" and isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value):
+            if 0 < float(value) < MIN_DEADLINE_MS:
+                headers[name] = str(MIN_DEADLINE_MS)
+
+
+def no_server_error(ctx: Any, response: Any, case: Any) -> None:
+    """Any 5xx fails, whatever its error code (not_ready, backend_failure, shutting_down, deadline_exceeded, ...).
+    Stricter than schemathesis' not_a_server_error, which a schemathesis.toml could relax."""
+    if response.status_code >= 500:
+        try:
+            code = json.loads(response.content)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = None
         raise AssertionError(f"server error {response.status_code} (error code {code!r}): {response.content[:200]!r}")
 
 
-def _checks() -> list[Any]:
+def checks_for(*, allow_queue_full: bool = False) -> list[Any]:
+    """No 5xx of any kind, no 429 unless allowed, and CHECK_NAMES."""
     import schemathesis.checks as checks
 
-    return [no_unexplained_server_error] + [getattr(checks, n) for n in CHECK_NAMES]
+    def no_queue_full(ctx: Any, response: Any, case: Any) -> None:
+        """One request at a time to an unloaded server never fills its queue."""
+        if response.status_code == 429 and not allow_queue_full:
+            raise AssertionError(f"429 from an unloaded server fuzzed sequentially: {response.content[:200]!r}")
+
+    return [no_server_error, no_queue_full] + [getattr(checks, n) for n in CHECK_NAMES]
 
 
 def run_fuzz(url: str, cases: int, *, headers: dict[str, str] | None = None, seed: int = 0,
-             request_timeout_s: float = 60.0) -> FuzzReport:
+             request_timeout_s: float = 60.0, allow_queue_full: bool = False) -> FuzzReport:
     """Fuzz every operation of url/openapi.json, positive and negative cases, in rounds (seed, seed+1, ...) until
-    `cases` requests are sent; failures are collected (deduplicated), not raised, so one run reports them all."""
+    `cases` requests are sent one at a time; failures are collected (deduplicated), not raised, so one run reports
+    them all. Any 5xx is a failure; a 429 too unless `allow_queue_full` (for a server deliberately run with a
+    tiny queue)."""
     import hypothesis
     import schemathesis
     from hypothesis import HealthCheck, Phase
@@ -82,7 +105,7 @@ def run_fuzz(url: str, cases: int, *, headers: dict[str, str] | None = None, see
     report = FuzzReport()
     statuses: Counter = Counter()
     seen: set[tuple[str, str, str]] = set()
-    checks = _checks()
+    checks = checks_for(allow_queue_full=allow_queue_full)
     t0 = time.perf_counter()
     def make_test(op: Any, mode: Any, label: str, count: list[int], examples: int, rnd: int) -> Any:
         @hypothesis.given(case=op.as_strategy(generation_mode=mode))
@@ -92,6 +115,7 @@ def run_fuzz(url: str, cases: int, *, headers: dict[str, str] | None = None, see
         @hypothesis.seed(rnd)
         def one(case: Any) -> None:
             count[0] += 1
+            raise_short_deadlines(case)
             response = case.call(base_url=url, headers=headers, timeout=request_timeout_s)
             statuses[str(response.status_code)] += 1
             try:

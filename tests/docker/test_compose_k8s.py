@@ -195,6 +195,8 @@ def test_k8s_deployment(k8s: dict[str, dict]) -> None:
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["port"] in ("http", PORT)
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["enableServiceLinks"] is False, \
+        "the Service would inject QUICKSTEP_PORT=tcp://... (service links), clashing with the QUICKSTEP_* settings"
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -222,6 +224,33 @@ def test_k8s_service_and_hpa(k8s: dict[str, dict]) -> None:
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     ns = k8s["Namespace"]["metadata"]["name"]
     assert {d["metadata"].get("namespace") for k, d in k8s.items() if k != "Namespace"} == {ns}
+
+
+def test_k8s_service_links_cannot_clash_with_settings(k8s: dict[str, dict]) -> None:
+    """A Service named N injects N_PORT, N_SERVICE_HOST, ... (upper-cased, '-' -> '_') unless service links are off."""
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    prefix = k8s["Service"]["metadata"]["name"].upper().replace("-", "_") + "_"
+    assert pod.get("enableServiceLinks") is False or not prefix.startswith("QUICKSTEP"), \
+        f"Service links would inject {prefix}PORT=tcp://... into pods that read QUICKSTEP_* settings"
+
+
+def test_docs_match_compose(compose: dict) -> None:
+    """The replica and Triton commands in README.md and docker/README.md use compose.yaml's names and paths."""
+    services = compose["services"]
+    replicas_var = re.fullmatch(r"\$\{(\w+):-\d+\}", str(services["serve"]["deploy"]["replicas"])).group(1)
+    top = (REPO / "README.md").read_text()
+    docker_readme = (DOCKER / "README.md").read_text()
+    for text in (top, docker_readme):
+        for scaled in re.findall(r"--scale\s+([\w-]+)=", text):
+            assert scaled in services, f"`--scale {scaled}=` names no compose service"
+    assert f"{replicas_var}=4 docker compose -f docker/compose.yaml up" in top
+    export = services["triton-export"]
+    argv = export["entrypoint"] + export["command"]
+    out = argv[argv.index("--out") + 1]
+    documented = re.findall(r"quickstep-export triton --bundle /bundle --out (\S+?)`", docker_readme)
+    assert documented == [out], f"docker/README.md documents --out {documented}, compose writes {out}"
+    (repo_flag,) = [c for c in services["triton"]["command"] if c.startswith("--model-repository=")]
+    assert f"`{repo_flag}`" in docker_readme, "docker/README.md names Triton's model repository as compose does"
 
 
 def test_k8s_image_runs_as_the_dockerfile_user(k8s: dict[str, dict]) -> None:

@@ -150,22 +150,39 @@ QUIET = ["--set", "log.samples=false", "--set", "log.tensorboard=false", "--set"
          "--set", "log.every=1000"]
 
 
-def _sigkill_during_save(proc: subprocess.Popen, out: Path, ready, rng: random.Random, timeout: float) -> dict:
-    """Poll `out`; once `ready(names)` holds while a save is in progress (a `.tmp-` directory exists), SIGKILL
-    `proc` after a random 0-20 ms.  Returns the exit code and the temporary directories present at the kill."""
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGSTOP `proc` and wait until it is stopped (waitpid WUNTRACED reports that without reaping it)."""
+    proc.send_signal(signal.SIGSTOP)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):  # it exited meanwhile and waitpid reaped it: tell Popen
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+
+
+def _sigkill_during_save(proc: subprocess.Popen, out: Path, ready, rng: random.Random, timeout: float, *,
+                         before: frozenset[str] = frozenset(), require_mid_save: bool = False) -> dict:
+    """Poll `out`; once `ready(names)` holds while a save is in progress (a new `.tmp-` directory exists, i.e. one
+    not in `before`, which may hold stale ones of earlier kills), wait a random 0-20 ms, SIGSTOP `proc` and list
+    `out` again: a stopped trainer can neither finish nor start a save, so that list is exactly what the SIGKILL
+    then interrupts. With `require_mid_save`, a save that finished before the stop is let go on (SIGCONT) and the
+    next one is tried, so the kill surely lands mid-save. Returns the exit code and the new temporary
+    directories present at the kill (`saving_at_kill`, empty when it came between saves)."""
     deadline = time.monotonic() + timeout
     saving: list[str] = []
     try:
         while True:
-            names = set(os.listdir(out)) if out.is_dir() else set()
+            names = (set(os.listdir(out)) if out.is_dir() else set()) - before
             if any(".tmp-" in n for n in names) and ready(names):
                 time.sleep(rng.uniform(0.0, 0.02))
-                saving = [n for n in os.listdir(out) if ".tmp-" in n]
-                proc.send_signal(signal.SIGKILL)
-                break
+                _stop(proc)
+                saving = sorted(n for n in set(os.listdir(out)) - before if ".tmp-" in n)
+                if saving or not require_mid_save:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                proc.send_signal(signal.SIGCONT)
             if proc.poll() is not None:
                 raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-            assert time.monotonic() < deadline, "no checkpoint save observed"
+            assert time.monotonic() < deadline, "no checkpoint save observed" + (" mid-save" if saving else "")
             time.sleep(0.002)
     finally:
         if proc.poll() is None:
@@ -179,13 +196,16 @@ def _checkpoints(names) -> list[str]:
     return [n for n in names if re.fullmatch(r"step-\d+", n)]
 
 
-def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: float = 120.0) -> dict:
+def kill_while_saving(out: Path, min_done: int, rng: random.Random, timeout: float = 120.0, *,
+                      require_mid_save: bool = False) -> dict:
     """Start gmm2d-plain with a checkpoint every step; once `min_done` checkpoints exist, SIGKILL it at a random
-    moment while a save is in progress (a `.step-*.tmp-*` directory exists)."""
+    moment while a save is in progress (a `.step-*.tmp-*` directory exists); see `_sigkill_during_save`."""
     proc = subprocess.Popen(TRAIN + ["--preset", "gmm2d-plain", "--out", str(out), "--steps", "100000",
                                      "--set", "log.ckpt_every=1", *QUIET],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return _sigkill_during_save(proc, out, lambda names: len(_checkpoints(names)) >= min_done, rng, timeout)
+    before = frozenset(os.listdir(out)) if out.is_dir() else frozenset()
+    return _sigkill_during_save(proc, out, lambda names: len(_checkpoints(names)) >= min_done, rng, timeout,
+                                before=before, require_mid_save=require_mid_save)
 
 
 def latest_loadable(out: Path) -> int:
@@ -208,10 +228,14 @@ def resume(out: Path, steps: int) -> None:
 
 
 def test_sigkill_during_checkpoint_save_then_resume(tmp_path):
+    """One SIGKILL that surely lands while a checkpoint is half-written (the trainer is SIGSTOPped first and a save's
+    `.tmp-` directory is seen at that moment); the newest complete checkpoint loads and the run resumes from it."""
     rng = random.Random(int(time.time()))
     out = tmp_path / "run"
-    info = kill_while_saving(out, min_done=2, rng=rng)
+    info = kill_while_saving(out, min_done=2, rng=rng, require_mid_save=True)
     assert info["returncode"] == -signal.SIGKILL
+    assert info["saving_at_kill"], "the kill did not land during a checkpoint save"
+    assert set(info["saving_at_kill"]) <= set(os.listdir(out)), "the half-written checkpoint is left behind"
     step = latest_loadable(out)
     assert step >= 2
     resume(out, step + 2)
@@ -220,35 +244,36 @@ def test_sigkill_during_checkpoint_save_then_resume(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_many_times_during_saves(tmp_path):
-    """Ten kills at random moments of saves, each followed by a check that the run loads, on one run directory;
-    then resume to the end and compare with the step count."""
+    """Ten kills at random moments of saves (every other one surely mid-save), each followed by a check that the run
+    loads, on one run directory (stale half-written checkpoints accumulate); then resume to the end and compare
+    with the step count."""
     rng = random.Random(0)
     out = tmp_path / "run"
     steps, mid_save = [], 0
     for i in range(10):
         if i == 0:
-            info = kill_while_saving(out, min_done=1, rng=rng)
+            info = kill_while_saving(out, min_done=1, rng=rng, require_mid_save=True)
         else:  # a resumed run killed again while saving
-            info = kill_resumed_while_saving(out, rng)
+            info = kill_resumed_while_saving(out, rng, require_mid_save=i % 2 == 0)
         assert info["returncode"] == -signal.SIGKILL
         mid_save += bool(info["saving_at_kill"])
         steps.append(latest_loadable(out))
     print(f"10 SIGKILLs, {mid_save} with a checkpoint half-written; steps after each: {steps}")
-    assert mid_save >= 3, "the kills missed the saves"
+    assert mid_save >= 5, "the kills missed the saves"
     assert steps == sorted(steps)
     resume(out, steps[-1] + 3)
     assert latest_loadable(out) == steps[-1] + 3
 
 
-def kill_resumed_while_saving(out: Path, rng: random.Random, timeout: float = 120.0) -> dict:
+def kill_resumed_while_saving(out: Path, rng: random.Random, timeout: float = 120.0, *,
+                              require_mid_save: bool = False) -> dict:
     """`--resume` the run for many more steps and SIGKILL it during one of its first saves."""
-    start = set(os.listdir(out))
+    start = frozenset(os.listdir(out))
     proc = subprocess.Popen(TRAIN + ["--out", str(out), "--resume", str(out), "--steps", "100000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     min_new = rng.randint(0, 2)
-    return _sigkill_during_save(
-        proc, out, lambda names: any(".tmp-" in n for n in names - start) and len(_checkpoints(names - start)) >= min_new,
-        rng, timeout)
+    return _sigkill_during_save(proc, out, lambda names: len(_checkpoints(names)) >= min_new, rng, timeout,
+                                before=start, require_mid_save=require_mid_save)
 
 
 # ----------------------------------------------------------------------------------------------- corrupt bundles

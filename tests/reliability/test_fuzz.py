@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import json
 import socket
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from tests.benchmarks.fuzz import print_report, run_fuzz
+from tests.benchmarks.fuzz import (
+    MIN_DEADLINE_MS,
+    no_server_error,
+    print_report,
+    raise_short_deadlines,
+    run_fuzz,
+)
 from tests.serve.conftest import serve
 
 KEY = "fuzz-key-3c1f"
@@ -27,13 +34,34 @@ def server(rel_bundle):
 
 
 def test_schemathesis_finds_no_failure(server):
-    """~100 generated cases (positive and negative) over every operation: no unexplained 5xx, every status code,
+    """~100 generated cases (positive and negative), one at a time, to a ready server with the default queue:
+    no 5xx of any kind and no 429 (fuzz.py's checks), every status code,
     content type, header and body as the OpenAPI document says, schema-violating input rejected with a 4xx."""
     report = run_fuzz(server.url, 100, headers=AUTH)
     print_report(report)
     assert report.cases >= 100
     assert report.per_operation["POST /v1/generate [negative]"] > 10
     assert report.failures == [], json.dumps(report.failures, indent=1)
+    assert report.server_errors == 0 and "429" not in report.statuses, report.statuses
+
+
+@pytest.mark.parametrize("status,code", [(500, "internal"), (503, "backend_failure"), (503, "not_ready"),
+                                         (503, "shutting_down"), (504, "deadline_exceeded"), (502, None)])
+def test_fuzz_check_accepts_no_server_error(status, code):
+    """The fuzzer's 5xx check has no allow-list: a fuzzed input that crashes the backend cannot pass."""
+    body = json.dumps({"error": {"code": code, "message": "x"}}).encode() if code else b"bad gateway"
+    with pytest.raises(AssertionError, match=f"server error {status}"):
+        no_server_error(None, SimpleNamespace(status_code=status, content=body), None)
+    no_server_error(None, SimpleNamespace(status_code=422, content=b"{}"), None)
+
+
+def test_fuzz_raises_only_short_valid_deadlines():
+    """A valid X-Timeout-Ms that could expire is raised (no legitimate 504); invalid ones are still sent as fuzzed."""
+    for given, sent in [("1", str(MIN_DEADLINE_MS)), ("0.5", str(MIN_DEADLINE_MS)), ("1e12", "1e12"),
+                        ("0", "0"), ("-5", "-5"), ("soon", "soon"), ("nan", "nan"), ("1_0", "1_0")]:
+        case = SimpleNamespace(headers={"x-timeout-ms": given, "Accept": "application/json"})
+        raise_short_deadlines(case)
+        assert case.headers == {"x-timeout-ms": sent, "Accept": "application/json"}, given
 
 
 def raw_request(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
