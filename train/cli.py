@@ -2,8 +2,10 @@
 
     quickstep-train fit --preset gmm2d-plain --out runs/gmm [--data x.npz] [--set optim.lr=2e-4 ...]
                         [--steps N] [--resume DIR] [--teacher DIR] [--dry-run]
-    quickstep-train sample --ckpt runs/gmm [--sampler heun|euler|sde|consistency] [--steps 18] -n 64
+                        (--resume of a distilled student reuses the teacher recorded in its config.json)
+    quickstep-train sample --ckpt runs/gmm [--sampler heun|euler|sde|consistency] [--steps N] -n 64
                         [--class K] [--seed S] --out grid.png
+                        (default: consistency sampler, 1 step, for consistency checkpoints; else heun, 18 steps)
     quickstep-train presets
 
 Bad input (unknown preset, key or value, missing checkpoint) prints one clear line and exits with code 2.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 SAMPLERS = ("heun", "euler", "sde", "consistency")
+DEFAULT_STEPS = {"consistency": 1, "heun": 18, "euler": 18, "sde": 18}  # when --steps is not given
 
 
 class UsageError(Exception):
@@ -93,14 +96,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .core import checkpoint as ckpt
     from .core.sampling import karras_sigmas, sample_consistency, sample_euler, sample_heun, sample_sde
-    from .loop import find_checkpoint, save_samples_png
+    from .loop import checkpoint_kind, find_checkpoint, save_samples_png
 
     if args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     try:
-        model = ckpt.load_model(find_checkpoint(args.ckpt), which=args.weights)
+        path = find_checkpoint(args.ckpt)
+        kind = checkpoint_kind(ckpt.load_config(path))
+        sampler = args.sampler or ("consistency" if kind == "consistency" else "heun")
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]
+        if steps < 1:
+            what = ("1 = one-step, 2 = two-step sCM sampling" if sampler == "consistency"
+                    else "the number of noise levels of the Karras grid")
+            raise UsageError(f"--steps must be >= 1 for the {sampler} sampler ({what}), got {steps}")
+        model = ckpt.load_model(path, which=args.weights)
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from e
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -118,18 +127,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError("--class given, but the model is unconditional")
     eps = torch.randn((args.n, *model.sample_shape), generator=g, device=device)
     with torch.no_grad():
-        if args.sampler == "consistency":
-            x = sample_consistency(model, model.sigma_data * eps, steps=args.steps, generator=g, class_labels=labels)
+        if sampler == "consistency":
+            x = sample_consistency(model, model.sigma_data * eps, steps=steps, generator=g, class_labels=labels)
         else:
-            sig = karras_sigmas(args.steps, device=device)
-            if args.sampler == "heun":
+            sig = karras_sigmas(steps, device=device)
+            if sampler == "heun":
                 x = sample_heun(model.denoise, eps * sig[0], sig, class_labels=labels)
-            elif args.sampler == "euler":
+            elif sampler == "euler":
                 x = sample_euler(model.denoise, eps * sig[0], sig, class_labels=labels)
             else:
                 x = sample_sde(model.denoise, eps * sig[0], sig, class_labels=labels, generator=g)
-    path = save_samples_png(x, args.out)
-    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {path}")
+    png = save_samples_png(x, args.out)
+    print(f"wrote {args.n} samples ({kind} checkpoint, {sampler} sampler, {steps} step{'s' * (steps != 1)}) "
+          f"to {png}")
     return 0
 
 
@@ -162,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
     f.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue exactly")
-    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation")
+    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation; "
+                   "--resume reuses the teacher recorded in the checkpoint when this is not given")
     f.add_argument("--dry-run", action="store_true", help="print the resolved config and model size; no training")
     f.set_defaults(func=cmd_fit)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG")
     s.add_argument("--ckpt", required=True, help="checkpoint or run directory")
-    s.add_argument("--sampler", choices=SAMPLERS, default="heun")
-    s.add_argument("--steps", type=int, default=18)
+    s.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: consistency for a consistency checkpoint (sCT/sCD/Direct CM/CD), else heun")
+    s.add_argument("--steps", type=int, default=None, help="default: 1 for the consistency sampler, else 18")
     s.add_argument("-n", type=int, default=64)
     s.add_argument("--class", dest="class_label", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .core import checkpoint as ckpt
 from .core.model import TrigFlowModel, build_model
 from .core.networks import ModelConfig
 from .core.sampling import heun_teacher_sample
-from .losses import Batch, StepContext, build_objective, get_objective_spec
+from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objective_spec
 
 CKPT_PREFIX = "step-"
 
@@ -91,6 +92,53 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.optim.warmup_steps > 0:
         return cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps)
     return cfg.optim.lr
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_record(teacher: str | Path) -> dict[str, str]:
+    """{'path': absolute checkpoint directory, 'sha256': of its model.safetensors}: what a student's config.json
+    records about its teacher, so that `--resume` finds it again (and notices if it changed)."""
+    path = find_checkpoint(teacher).resolve()
+    return {"path": str(path), "sha256": _sha256(path / ckpt.WEIGHTS)}
+
+
+def saved_teacher(checkpoint: str | Path) -> Path | None:
+    """The teacher recorded in a student checkpoint's config.json, checked to still exist unchanged; None if the
+    checkpoint records none.  Raises a CheckpointError naming the path when it is gone or its weights changed."""
+    checkpoint = find_checkpoint(checkpoint)
+    rec = ckpt.load_config(checkpoint).get("teacher")
+    if isinstance(rec, str):
+        rec = {"path": rec}
+    if not isinstance(rec, dict) or not rec.get("path"):
+        return None
+    path = Path(rec["path"])
+    hint = "pass --teacher DIR to resume with a teacher checkpoint explicitly"
+    if not ((path / ckpt.CONFIG).is_file() and (path / ckpt.WEIGHTS).is_file()):
+        raise ckpt.CheckpointNotFoundError(f"the teacher recorded in {checkpoint} ({str(path)!r}) no longer exists "
+                                           f"or is not a checkpoint directory; {hint}")
+    want = rec.get("sha256")
+    if want and _sha256(path / ckpt.WEIGHTS) != want:
+        raise ckpt.CheckpointMismatchError(f"the teacher recorded in {checkpoint} ({str(path)!r}) has changed since "
+                                           f"the run started (sha256 of {ckpt.WEIGHTS} differs); {hint}")
+    return path
+
+
+def checkpoint_kind(config: dict[str, Any]) -> str:
+    """'consistency' or 'diffusion' for a checkpoint's config.json: its 'kind' if set, else 'consistency' when a
+    training objective samples with the consistency sampler (sCT, sCD, Direct CM, CD)."""
+    if config.get("kind") in ("consistency", "diffusion"):
+        return str(config["kind"])
+    names = config.get("objectives") or list((config.get("train") or {}).get("objectives") or {})
+    if any(n in OBJECTIVES and getattr(OBJECTIVES[n].factory, "sampler", "heun") == "consistency" for n in names):
+        return "consistency"
+    return "diffusion"
 
 
 def _git_revision() -> str | None:
@@ -209,10 +257,17 @@ class Trainer:
 
         # [issue 4] students (sCD, Direct CM, CD) start as the teacher's EMA with a fresh logvar head
         self.teacher: TrigFlowModel | None = None
+        self.teacher_info: dict[str, str] | None = None  # saved in config.json: --resume finds the teacher again
+        needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
+        if teacher is None and resume is not None and needs:
+            teacher = saved_teacher(resume)
         if teacher is not None:
-            self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
+            self.teacher_info = teacher_record(teacher)
+            self.teacher = ckpt.load_model(self.teacher_info["path"], which="ema").to(self.device)
             self.teacher.eval().requires_grad_(False)
-        init_from_teacher = (self.teacher is not None and not cfg.init_from and resume is None and any(
+        # also on resume: the student has the teacher's architecture (the preset's [model] is unused), and _load
+        # then replaces the weights
+        init_from_teacher = (self.teacher is not None and not cfg.init_from and any(
             getattr(get_objective_spec(n).factory, "init_from_teacher", False) for n in cfg.objectives))
 
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
@@ -242,9 +297,9 @@ class Trainer:
         # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
         # or of the JSON the config round-trips through on resume
         self.objectives = {name: build_objective(name, cfg.objectives[name]) for name in sorted(cfg.objectives)}
-        needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
         if self.teacher is None and needs:
-            raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR")
+            why = f" (checkpoint {resume} records none)" if resume is not None else ""
+            raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR{why}")
 
         # shared generators (identical on every rank) and the per-rank global RNG (dropout only)
         self.sampler = PermutationSampler(len(dataset), cfg.seed)
@@ -346,11 +401,11 @@ class Trainer:
                                      f"loss term ({', '.join(names)}) is finite; stopping.")
         # [issue 4] an objective may ask to skip the update (sCM: non-finite tangent); any rank asking skips all
         skip = "skip_step" in metric_names and vals[len(names) + metric_names.index("skip_step")] > 0
-        if skip:
+        if skip:  # neither the weights nor their EMA move on a skipped step
             self.skipped_steps += 1
         else:
             self.optimizer.step()
-        self._update_ema()
+            self._update_ema()
         self.step += 1
         out = dict(zip(names + metric_names, vals, strict=True))
         out["loss"] = float(sum(vals[: len(names)]))
@@ -391,6 +446,8 @@ class Trainer:
             extra = {"train": self.cfg.to_dict(), "data": self.spec.to_dict(), "step": self.step,
                      "kimg": self.step * self.cfg.batch_size / 1000, "git_revision": _git_revision(),
                      "metrics": metrics or {}, "objectives": sorted(self.objectives)}
+            if self.teacher_info is not None:
+                extra["teacher"] = self.teacher_info
             path = ckpt.save_checkpoint(self.out_dir / f"{CKPT_PREFIX}{self.step:07d}", self.model, ema=self.ema,
                                         extra_config=extra, state=state)
             keep = self.cfg.log.keep_checkpoints

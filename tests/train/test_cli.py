@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -32,6 +33,21 @@ def test_presets_exist_and_load():
         assert cfg.objectives
     assert set(load_preset("digits-all").objectives) == {"stf", "cp", "fp"}
     assert load_preset("digits-plain").model.backbone["model_channels"] == 32
+
+
+def test_presets_trained_from_scratch_use_time_scale_10():
+    """sCD distils from dF/dt: teachers (and sCT) use a smooth t-embedding, not the backbone default 1000.
+    Students initialised from a teacher inherit its architecture, so their [model] is not checked."""
+    from quickstep.train.losses import get_objective_spec
+
+    checked = []
+    for n in list_presets():
+        cfg = load_preset(n)
+        if any(getattr(get_objective_spec(o).factory, "init_from_teacher", False) for o in cfg.objectives):
+            continue
+        assert cfg.model.backbone.get("time_scale") == 10.0, n
+        checked.append(n)
+    assert {"gmm2d-plain", "gmm2d-all", "gmm2d-sct", "cifar10-teacher", "digits-stf"} <= set(checked)
 
 
 def test_overrides_parse_toml_values_and_remove_objectives():
@@ -106,3 +122,142 @@ def test_console_script_fit_and_sample_conditional_digits(tmp_path, capsys):
     assert png.exists()
     assert main(["sample", "--ckpt", str(tmp_path / "r"), "--class", "12", "--out", str(png)]) == 2
     assert "--class must be in [0, 9]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- npz, sCD, sample
+QUIET = ["--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "log.samples=false",
+         "--set", "log.every=1", "--set", "batch_size=32"]
+RING = ["--set", 'data.options={preset = "ring8", n = 300}']
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A 2-step gmm2d-plain teacher trained through the CLI on an .npz of 2-D vectors written here."""
+    import numpy as np
+    from quickstep.train.data import gmm_preset
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d = tmp_path_factory.mktemp("teacher")
+        x = gmm_preset("ring8").sample(200, torch.Generator().manual_seed(0)).numpy()  # [200, 2]
+        np.savez(d / "ring.npz", x=x)
+        out = d / "run"
+        rc = main(["fit", "--preset", "gmm2d-plain", "--data", str(d / "ring.npz"), "--out", str(out),
+                   "--steps", "2", *QUIET])
+        return rc, out
+    finally:
+        torch.set_num_threads(n)
+
+
+def _scd(out, *extra):
+    return main(["fit", "--preset", "gmm2d-scd", "--out", str(out), *extra, *QUIET, *RING])
+
+
+@pytest.fixture(scope="module")
+def student_run(teacher_run, tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("student") / "run"
+        return _scd(out, "--teacher", str(teacher_run[1]), "--steps", "2"), out
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_fit_trains_on_an_npz_of_vectors(teacher_run):
+    import json
+
+    from quickstep.train.core.checkpoint import load_config
+
+    rc, out = teacher_run
+    assert rc == 0
+    meta = load_config(out / "step-0000002")
+    assert meta["train"]["data"]["name"] == "npz" and meta["train"]["data"]["path"].endswith("ring.npz")
+    assert meta["data"]["shape"] == [2] and meta["data"]["num_classes"] == 0
+    assert meta["model"]["backbone"]["dim"] == 2 and "teacher" not in meta
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_fit_scd_with_a_teacher_records_it(student_run, teacher_run):
+    import hashlib
+
+    from quickstep.train.core.checkpoint import load_config
+
+    rc, out = student_run
+    assert rc == 0
+    meta = load_config(out / "step-0000002")
+    assert meta["objectives"] == ["scd"]
+    tdir = (teacher_run[1] / "step-0000002").resolve()  # the run directory resolves to its latest checkpoint
+    assert meta["teacher"] == {"path": str(tdir),
+                               "sha256": hashlib.sha256((tdir / "model.safetensors").read_bytes()).hexdigest()}
+
+
+def test_resume_scd_without_teacher_uses_the_recorded_one(teacher_run, tmp_path, capsys):
+    import shutil
+
+    from quickstep.train.core.checkpoint import load_config
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_run[1] / "step-0000002", teacher)
+    out = tmp_path / "run"
+    assert _scd(out, "--teacher", str(teacher), "--steps", "2") == 0
+    assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "3"]) == 0  # no --teacher
+    assert load_config(out / "step-0000003")["teacher"]["path"] == str(teacher.resolve())
+    # the recorded teacher is gone: a clear error naming it, exit 2
+    teacher.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer exists" in err and str(teacher.resolve()) in err and "--teacher" in err
+    assert "Traceback" not in err and not (out / "step-0000004").exists()
+    # an explicit --teacher still works (and is recorded from then on)
+    assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "4", "--teacher",
+                 str(tmp_path / "moved")]) == 0
+    assert load_config(out / "step-0000004")["teacher"]["path"] == str((tmp_path / "moved").resolve())
+    # the recorded teacher changed on disk: refused rather than silently distilling another model
+    with open(tmp_path / "moved" / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "5"]) == 2
+    assert "has changed" in capsys.readouterr().err
+
+
+def _sample(ckpt, png, *extra) -> int:
+    return main(["sample", "--ckpt", str(ckpt), "-n", "8", "--out", str(png), *extra])
+
+
+def test_sample_defaults_follow_the_checkpoint_kind(teacher_run, student_run, tmp_path, capsys):
+    assert teacher_run[0] == 0 and student_run[0] == 0
+    capsys.readouterr()
+    assert _sample(student_run[1], tmp_path / "s.png") == 0
+    assert "consistency sampler, 1 step" in capsys.readouterr().out
+    assert _sample(student_run[1], tmp_path / "s1.png", "--sampler", "consistency", "--steps", "1") == 0
+    assert (tmp_path / "s.png").read_bytes() == (tmp_path / "s1.png").read_bytes()
+    assert _sample(teacher_run[1], tmp_path / "t.png") == 0
+    assert "heun sampler, 18 steps" in capsys.readouterr().out
+    assert _sample(teacher_run[1], tmp_path / "t18.png", "--sampler", "heun", "--steps", "18") == 0
+    assert (tmp_path / "t.png").read_bytes() == (tmp_path / "t18.png").read_bytes()
+    assert _sample(teacher_run[1], tmp_path / "t4.png", "--steps", "4") == 0  # heun with 4 steps
+    assert "heun sampler, 4 steps" in capsys.readouterr().out
+    # an explicit sampler still wins over the checkpoint kind
+    assert _sample(student_run[1], tmp_path / "h.png", "--sampler", "heun", "--steps", "3") == 0
+    assert "heun sampler, 3 steps" in capsys.readouterr().out
+    assert _sample(student_run[1], tmp_path / "c2.png", "--steps", "2") == 0
+    assert "consistency sampler, 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which, extra, needle", [
+    ("student", ["--steps", "0"], "--steps must be >= 1 for the consistency sampler"),
+    ("teacher", ["--sampler", "consistency", "--steps", "0"], "--steps must be >= 1 for the consistency sampler"),
+    ("student", ["--sampler", "heun", "--steps", "-1"], "--steps must be >= 1 for the heun sampler"),
+])
+def test_sample_bad_steps_exit_2(which, extra, needle, teacher_run, student_run, tmp_path, capsys):
+    run = {"teacher": teacher_run, "student": student_run}[which][1]
+    assert _sample(run, tmp_path / "x.png", *extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "x.png").exists()

@@ -482,8 +482,12 @@ def test_trainer_scd_starts_from_the_teacher_ema_and_skips_nonfinite_steps(tmp_p
     assert out["skipped_steps"] == 0.0 and math.isfinite(out["scd"])
     # a non-finite tangent: the update is skipped and counted, training goes on
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    assert any(not torch.equal(v, before[k]) for k, v in ema_before.items())  # else the EMA check below is vacuous
     trainer.data_x[:] = 3e38
     out = trainer.train_step()
     assert out["skipped_steps"] == 1.0 and out["skip_step"] == 1.0
     for k, v in trainer.model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+    for k, v in trainer.ema.state_dict().items():  # the EMA does not move on a skipped step either
+        assert torch.equal(v, ema_before[k]), k

@@ -183,6 +183,45 @@ def test_stf_restricts_references_to_the_same_class():
     torch.testing.assert_close(got, refs)
 
 
+def _image_like_stf_inputs(seed: int = 6):
+    """Image-sized rows (D = 768, like 3x16x16) at an intermediate sigma: ||x||^2 ~ 10^3 while the logit gaps
+    that matter are O(1), so the ||x||^2 - 2 x.r + ||r||^2 expansion cancels catastrophically in bfloat16."""
+    g = torch.Generator().manual_seed(seed)
+    refs = torch.randn(96, 768, generator=g).clamp(-1, 1)
+    x0 = refs[:16]
+    sigma = torch.full((16,), 0.8)
+    return x0 + sigma[:, None] * torch.randn(16, 768, generator=g), sigma, refs
+
+
+def test_stf_target_is_float32_under_bf16_autocast():
+    """The trainer runs objectives under bf16 autocast (CUDA); the STF target must still be computed in float32."""
+    x, sigma, refs = _image_like_stf_inputs()
+    want = stf_targets(x, sigma, refs, chunk=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = stf_targets(x, sigma, refs, chunk=32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stf_objective_target_velocity_is_float32_under_bf16_autocast():
+    from quickstep.train.losses.diffusion import perturb
+    from quickstep.train.losses.stf import STFConfig, STFLoss
+
+    _, _, refs = _image_like_stf_inputs(seed=7)
+    batch, ref_batch = Batch(refs[:16]), Batch(refs)
+
+    class _Stub:  # target_velocity only reads the model's sigma_d and class count
+        sigma_data, num_classes = 0.5, 0
+
+    def target(autocast: bool):
+        ctx = _ctx(16, refs=ref_batch, batch=batch)
+        p = perturb(batch, ctx, -0.4, 0.5, 0.5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return STFLoss(STFConfig(ref_batch=96, chunk=32)).target_velocity(_Stub(), batch, ctx, p)
+
+    torch.testing.assert_close(target(True), target(False), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- composition
 def _ctx(b: int, step: int = 0, *, refs: Batch | None = None, batch: Batch):
     return StepContext(step=step, total_steps=10, generator=torch.Generator().manual_seed(0),
@@ -216,13 +255,16 @@ def test_every_combination_returns_finite_terms_and_gradients(combo):
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_shared_perturbation_and_every_k():
+def test_cp_every_k_skips_off_steps_and_scales_by_k_on_steps():
     from quickstep.train.losses.cp import CPConfig, CPLoss
 
     x = MIX.sample(8, torch.Generator().manual_seed(0))
     batch = Batch(x)
-    ctx = _ctx(8, step=1, batch=batch)
-    assert CPLoss(CPConfig(every=2))(_Exact(), batch, ctx) == {}
+    assert CPLoss(CPConfig(every=2))(_Exact(), batch, _ctx(8, step=1, batch=batch)) == {}
+    on = CPLoss(CPConfig(every=2))(_Exact(), batch, _ctx(8, step=2, batch=batch))
+    every_step = CPLoss(CPConfig(every=1))(_Exact(), batch, _ctx(8, step=2, batch=batch))
+    assert set(on) == {"cp"} and float(every_step["cp"]) != 0.0
+    torch.testing.assert_close(on["cp"], 2 * every_step["cp"])  # the expected weight is kept
 
 
 class _Exact:
@@ -235,10 +277,22 @@ class _Exact:
         return MIX.denoise(x, sigma).to(x.dtype)
 
 
-def test_cp_objective_on_exact_denoiser_is_small():
+class _Shifted(_Exact):
+    """A perturbed denoiser: the exact one plus 4 sigma, which breaks the consistency property."""
+
+    def denoise(self, x, sigma, labels=None):
+        return super().denoise(x, sigma) + 4.0 * sigma[:, None].to(x.dtype)
+
+
+def test_cp_objective_on_exact_denoiser_is_small_and_large_on_a_perturbed_one():
+    """With the CDM defaults (eps_max 0.05, 5 chain steps) on 4096 samples: exact |cp| ~ 1e-4 (Monte-Carlo noise,
+    measured <= 2.6e-4 over seeds 0-5), the 4-sigma shift ~ 7.5e-3-8.3e-3 over the same seeds."""
     from quickstep.train.losses.cp import CPConfig, CPLoss
 
     x = MIX.sample(4096, torch.Generator().manual_seed(0))
     batch = Batch(x)
-    out = CPLoss(CPConfig(weight=1.0, scale_by_sigma_data2=False))(_Exact(), batch, _ctx(4096, batch=batch))
-    assert abs(out["cp"].item()) < 5e-4
+    loss = CPLoss(CPConfig(weight=1.0, scale_by_sigma_data2=False))
+    exact = loss(_Exact(), batch, _ctx(4096, batch=batch))["cp"].item()
+    bad = loss(_Shifted(), batch, _ctx(4096, batch=batch))["cp"].item()  # the same noise draws
+    assert abs(exact) < 5e-4
+    assert bad > 5e-3 and bad > 10 * abs(exact)

@@ -30,7 +30,14 @@ def stf_targets(
 
     x_sigma: [B, ...] noisy samples, sigma: [B], refs: [R, ...]; labels [B] / ref_labels [R] restrict each row to
     references of its class (every row must have at least one).  Returns [B, ...] in float32.
+    Always computed in float32 with autocast disabled: under the trainer's bf16 autocast the matmul in
+    ||x||^2 - 2 x.r + ||r||^2 would run in bfloat16 and cancel catastrophically.
     """
+    with torch.autocast(device_type=x_sigma.device.type, enabled=False):
+        return _stf_targets_fp32(x_sigma, sigma, refs, labels, ref_labels, chunk)
+
+
+def _stf_targets_fp32(x_sigma, sigma, refs, labels, ref_labels, chunk) -> torch.Tensor:
     B, R = x_sigma.shape[0], refs.shape[0]
     x = x_sigma.reshape(B, -1).float()  # [B, D]
     r_all = refs.reshape(R, -1).float()  # [R, D]

@@ -48,14 +48,28 @@ def order(sampler, ns=(40, 80, 160)) -> tuple[float, list[float]]:
     return float(slope), errs
 
 
-def test_exact_gaussian_denoiser_is_posterior_mean():
-    """Monte-Carlo check of D(x; sigma) = s^2/(s^2+sigma^2) x: regress x0 on x_sigma = x0 + sigma n."""
+def test_one_component_gmm_denoiser_is_the_gaussian_posterior_mean():
+    """The data module's exact GMM denoiser with one component N(m, s^2) equals the closed form used as ground
+    truth in this file, and is the posterior mean: its residual x0 - D(x_sigma) is uncorrelated with functions of
+    x_sigma (Monte Carlo, within 5 standard errors)."""
+    from quickstep.train.data import GaussianMixture
+
+    mean = 0.3
+    mix = GaussianMixture([[mean]], stds=S)
+    x = torch.linspace(-6.0, 6.0, 13, dtype=torch.float64)[:, None]  # [13, 1]
+    sig = torch.logspace(-2, math.log10(SIGMA_MAX), 13, dtype=torch.float64)  # [13], one sigma per row
+    torch.testing.assert_close(mix.denoise(x, sig), gaussian_denoiser(S, mean)(x, sig))
+
     g = torch.Generator().manual_seed(0)
-    x0 = S * torch.randn(200_000, generator=g, dtype=torch.float64)
-    sigma = 1.3
-    xs = x0 + sigma * torch.randn(200_000, generator=g, dtype=torch.float64)
-    slope = float((x0 * xs).mean() / (xs * xs).mean())  # least squares E[x0 | x] = a x
-    assert slope == pytest.approx(S**2 / (S**2 + sigma**2), abs=5e-3)
+    n, sigma = 200_000, 1.3
+    x0 = mix.sample(n, g, dtype=torch.float64)  # [n, 1]
+    xs = x0 + sigma * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    resid = (x0 - mix.denoise(xs, sigma))[:, 0]
+    for f in (torch.ones_like(xs[:, 0]), xs[:, 0], torch.tanh(xs[:, 0]), xs[:, 0] ** 3):
+        prod = resid * f
+        assert abs(float(prod.mean())) < 5 * float(prod.std()) / math.sqrt(n)
+    wrong = (x0 - mix.denoise(xs, 1.1 * sigma))[:, 0] * xs[:, 0]  # the posterior mean of the wrong noise level
+    assert abs(float(wrong.mean())) > 20 * float(wrong.std()) / math.sqrt(n)
 
 
 def test_karras_sigmas_grid():
