@@ -14,7 +14,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+# torch first, from PyTorch's CPU index: on Linux a plain PyPI `torch==2.13.0` is the multi-GB CUDA build. Where
+# that index cannot be reached pip falls back to its configured indexes (with a warning); TORCH_INDEX= skips it.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+$(VENV)/.installed-torch: constraints.txt | $(BIN)/python
+	$(PIP) install -q --no-deps $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -c constraints.txt torch
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed-torch | $(BIN)/python
 	$(PIP) install -q -c constraints.txt -e '.[all]'
 	touch $@
 

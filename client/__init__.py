@@ -3,6 +3,7 @@
 from .errors import (
     AuthError,
     ConnectionFailedError,
+    DecodeError,
     GatewayTimeoutError,
     NotFoundError,
     PayloadTooLargeError,
@@ -16,7 +17,7 @@ from .retry import RetryPolicy
 from .sdk import AsyncClient, Client, GeneratedImage, GenerateResult, Health
 
 __all__ = [
-    "AsyncClient", "AuthError", "Client", "ConnectionFailedError", "GatewayTimeoutError", "GenerateResult",
+    "AsyncClient", "AuthError", "Client", "ConnectionFailedError", "DecodeError", "GatewayTimeoutError", "GenerateResult",
     "GeneratedImage", "Health", "NotFoundError", "PayloadTooLargeError", "QuickstepError", "RateLimitedError",
     "RetryPolicy", "ServerError", "UnavailableError", "ValidationError",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import binascii
 import json
 import math
 import time
@@ -85,6 +86,17 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
             "max": r(max(values, default=None))}
 
 
+def failure_category(e: BaseException) -> str:
+    """The failed_by_status key of a failed request: the HTTP error status ('429'), else the client error's code
+    ('client_timeout', 'connection_failed', 'decode_error', 'bad_response'), else 'decode_error' for an undecodable
+    answer, else 'error:<ExceptionType>'."""
+    if isinstance(e, QuickstepError):
+        return str(e.status) if e.status is not None and e.status >= 400 else e.code
+    if isinstance(e, (binascii.Error, ValueError, OSError)):
+        return "decode_error"
+    return f"error:{type(e).__name__}"
+
+
 async def run_level(cfg: BenchConfig, concurrency: int, client: AsyncClient) -> LevelResult:
     """`concurrency` workers, each sending its next request as soon as the previous one answers, until the
     level's deadline or request budget; a request in flight at the deadline completes (bounded by timeout_s)."""
@@ -109,11 +121,12 @@ async def run_level(cfg: BenchConfig, concurrency: int, client: AsyncClient) -> 
             try:
                 out = await client.generate(n=cfg.n, steps=cfg.steps, seed=i, class_label=cfg.class_label,
                                             model=cfg.model, format=cfg.format)
-            except QuickstepError as e:
-                key = str(e.status) if e.status is not None else e.code
+            except Exception as e:  # noqa: BLE001 - every failed request is counted, none aborts the level
+                key = failure_category(e)
                 failures[key] += 1
                 res.failed += 1
-                res.first_error = res.first_error or str(e)
+                res.first_error = res.first_error or (str(e) if isinstance(e, QuickstepError)
+                                                      else f"{key}: {type(e).__name__}: {e}")
                 continue
             res.latencies_ms.append((time.perf_counter() - t) * 1000.0)
             server_ms.append(out.latency_ms)

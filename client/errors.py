@@ -58,6 +58,10 @@ class ServerError(QuickstepError):
     """Any other 5xx."""
 
 
+class DecodeError(QuickstepError, builtins.ValueError):
+    """A 2xx answer whose images cannot be decoded (bad base64, not an image): code 'decode_error'."""
+
+
 class ConnectionFailedError(QuickstepError, builtins.ConnectionError):
     """No HTTP answer: the server could not be reached or dropped the connection."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import os
 import random
@@ -23,6 +24,7 @@ from quickstep.serve.schemas import GenerateRequest, GenerateResponse, HealthSta
 
 from .errors import (
     ConnectionFailedError,
+    DecodeError,
     GatewayTimeoutError,
     QuickstepError,
     UnavailableError,
@@ -105,12 +107,16 @@ def build_generate_body(n: int, steps: int | None, seed: int | None, class_label
 
 
 def decode_generate(payload: GenerateResponse, elapsed_ms: float, attempts: int) -> GenerateResult:
-    """Base64 -> bytes -> PIL image, keeping index, seed and class label."""
+    """Base64 -> bytes -> PIL image, keeping index, seed and class label; DecodeError when an image is unreadable."""
     images = []
     for im in payload.images:
-        data = base64.b64decode(im.b64)
-        pil = Image.open(io.BytesIO(data))
-        pil.load()
+        try:
+            data = base64.b64decode(im.b64)
+            pil = Image.open(io.BytesIO(data))
+            pil.load()
+        except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as e:
+            raise DecodeError(f"image {im.index} of the response cannot be decoded ({type(e).__name__}: {e})",
+                              code="decode_error", attempts=attempts) from e
         images.append(GeneratedImage(image=pil, index=im.index, seed=payload.seed, mime=im.mime, data=data,
                                      class_label=im.class_label))
     return GenerateResult(images=images, seed=payload.seed, steps=payload.steps, model=payload.model,

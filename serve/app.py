@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .bundle import Bundle, BundleError, bundled_default, check_quality_gate, discover_bundles, load_bundle
+from .bundle import Bundle, BundleError, bundled_default, discover_bundles, load_bundle
 from .errors import ServeError
 from .metrics import ServeMetrics
 from .schemas import MAX_SEED
@@ -48,19 +49,14 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 # ----------------------------------------------------------------------------------------------- models
 def resolve_bundles(settings: ServeSettings) -> list[Bundle]:
-    """--bundle dirs, then every bundle in --models-dir; with neither, the bundled default model.  A bundle whose
-    quality report flags the chosen backend is refused (QualityGateError) unless settings.force."""
+    """--bundle dirs, then every bundle in --models-dir; with neither, the bundled default model.  (The quality
+    gate runs in GenerationService, once each backend knows the device it will run on.)"""
     paths: list[Path] = list(settings.bundle)
     if settings.models_dir is not None:
         paths += discover_bundles(settings.models_dir)
     if not paths:
         paths = [bundled_default()]
-    bundles = [load_bundle(p, verify=settings.verify_sha256) for p in paths]
-    for b in bundles:
-        warning = check_quality_gate(b, settings.backend, settings.force)
-        if warning:
-            log.warning(warning)
-    return bundles
+    return [load_bundle(p, verify=settings.verify_sha256) for p in paths]
 
 
 # ----------------------------------------------------------------------------------------------- gateway
@@ -69,7 +65,8 @@ class GatewayMiddleware:
 
     def __init__(self, app: ASGIApp, *, keys: list[str], max_body: int, metrics: ServeMetrics):
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        # keys are kept as SHA-256 digests: equal-length comparisons, so timing reveals neither the key nor its length
+        self.keys = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.max_body = max_body
         self.metrics = metrics
 
@@ -82,8 +79,9 @@ class GatewayMiddleware:
                 given.append(v.strip())
         ok = False
         for g in given:
+            d = hashlib.sha256(g).digest()
             for key in self.keys:  # compare against every key: timing does not reveal which matched
-                ok |= hmac.compare_digest(g, key)
+                ok |= hmac.compare_digest(d, key)
         return ok
 
     @staticmethod
@@ -247,7 +245,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # ----------------------------------------------------------------------------------------------- factory
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
-    """Build the app; bundles are read and verified now (BundleError on a bad one), backends load in the lifespan:
+    """Build the app; bundles are read and verified now (BundleError on a bad one, QualityGateError on one whose
+    quality report flags the backend on this device), backends load in the lifespan:
     /health/ready answers 503 until every model is loaded and warmed."""
     settings = settings or ServeSettings()
     metrics = ServeMetrics()

@@ -1,5 +1,6 @@
 """Micro-batching (DESIGN.md "Serving contract"): merge queued requests up to max_batch images or max_wait,
-run them on the device's worker thread, split the results back."""
+run them on the device's worker thread, split the results back.  A request of more than max_batch images runs
+as consecutive max_batch chunks (its images' noise is drawn per image, so the pixels are those of one run)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,45 @@ class Job:
     disconnected: Disconnected | None = field(default=None, repr=False)
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
     enqueued: float = 0.0
+    dispatched: int = field(default=0, init=False)  # images already handed to a batch (a big job is chunked)
+    _out: np.ndarray | None = field(default=None, init=False, repr=False)
+    _received: int = field(default=0, init=False, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.noises[0].shape[0])
+
+    @property
+    def remaining(self) -> int:
+        """Images not yet handed to a batch."""
+        return self.n - self.dispatched
+
+    def deliver(self, start: int, images: np.ndarray) -> None:
+        """Images [start, start + len) of this job; the future resolves once all n have arrived."""
+        if self.future.done():
+            return
+        if start == 0 and len(images) == self.n:
+            self.future.set_result(images)
+            return
+        if self._out is None:
+            self._out = np.empty((self.n, *images.shape[1:]), images.dtype)
+        self._out[start:start + len(images)] = images
+        self._received += len(images)
+        if self._received >= self.n:
+            self.future.set_result(self._out)
+
+
+@dataclass(frozen=True, eq=False)
+class Slice:
+    """Images [start, stop) of one job, as part of a batch."""
+
+    job: Job
+    start: int
+    stop: int
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
 
 
 class MicroBatcher:
@@ -102,24 +138,39 @@ class MicroBatcher:
             pass
         self._m.queue_depth.labels(self.model).set(len(self._queue))
 
-    def _take_batch(self) -> list[Job]:
-        """Pop the head job and every later job with the same steps while the batch stays <= max_batch images."""
+    def _take_batch(self) -> list[Slice]:
+        """Slices of the head job and of every later job with the same steps while the batch stays <= max_batch
+        images.  A job is taken whole when it fits; one with more than max_batch images left is taken as a
+        max_batch chunk (and stays at the head of the queue until its last chunk is taken)."""
+        for job in [j for j in self._queue if j.future.done()]:  # answered already (failed chunk, deadline)
+            self._queue.remove(job)
+        if not self._queue:
+            self._m.queue_depth.labels(self.model).set(0)
+            return []
         head = self._queue[0]
-        batch, total = [], 0
+        batch: list[Slice] = []
+        total = 0
         for job in list(self._queue):
             if job.steps != head.steps:
                 continue
-            if batch and total + job.n > self.max_batch:
+            take = job.remaining
+            if total + take > self.max_batch:
+                if batch:
+                    break
+                take = self.max_batch  # a lone oversized job: its next max_batch images
+            batch.append(Slice(job, job.dispatched, job.dispatched + take))
+            job.dispatched += take
+            total += take
+            if total >= self.max_batch:
                 break
-            batch.append(job)
-            total += job.n
-        for job in batch:
-            self._queue.remove(job)
+        for sl in batch:
+            if sl.job.remaining == 0:
+                self._queue.remove(sl.job)
         self._m.queue_depth.labels(self.model).set(len(self._queue))
         return batch
 
     def _ready_images(self, steps: int) -> int:
-        return sum(j.n for j in self._queue if j.steps == steps)
+        return sum(j.remaining for j in self._queue if j.steps == steps)
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,20 +200,22 @@ class MicroBatcher:
                 await self._execute(batch, loop)
             except Exception as e:  # noqa: BLE001 - a bug here must fail this batch, never stop the collector
                 log.exception("batcher of model %s failed on a batch", self.model)
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                        job.future.exception()
+                for sl in batch:
+                    if not sl.job.future.done():
+                        sl.job.future.set_exception(e)
+                        sl.job.future.exception()
 
-    async def _live(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """Drop jobs whose caller gave up (deadline, cancellation) or whose client disconnected."""
+    async def _live(self, batch: list[Slice], loop: asyncio.AbstractEventLoop) -> list[Slice]:
+        """Drop slices whose caller gave up (deadline, cancellation) or whose client disconnected."""
         live = []
         now = loop.time()
         await asyncio.sleep(0)  # let pending disconnect notifications land first
-        for job in batch:
+        for sl in batch:
+            job = sl.job
             if job.future.done():
                 continue
             if now > job.deadline:
+                self._m.dropped.labels(self.model, "deadline").inc()
                 job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                 job.future.exception()  # mark retrieved: the waiter may already be gone
                 continue
@@ -172,16 +225,23 @@ class MicroBatcher:
                     job.future.set_exception(ClientGone("client disconnected before its request ran"))
                     job.future.exception()
                     continue
-            live.append(job)
+            live.append(sl)
         return live
 
-    async def _execute(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
-        steps = batch[0].steps
+    async def _execute(self, batch: list[Slice], loop: asyncio.AbstractEventLoop) -> None:
+        steps = batch[0].job.steps
         now = loop.time()
-        for job in batch:
-            self._m.queue_latency.labels(self.model).observe(now - job.enqueued)
-        noises = [np.concatenate([j.noises[i] for j in batch], axis=0) for i in range(len(batch[0].noises))]
-        labels = None if batch[0].labels is None else np.concatenate([j.labels for j in batch], axis=0)  # type: ignore[misc]
+        for sl in batch:
+            if sl.start == 0:  # a chunked job's queue wait ends when its first chunk runs
+                self._m.queue_latency.labels(self.model).observe(now - sl.job.enqueued)
+
+        def part(a: np.ndarray, sl: Slice) -> np.ndarray:
+            return a if sl.start == 0 and sl.stop == len(a) else a[sl.start:sl.stop]
+
+        noises = [np.concatenate([part(s.job.noises[i], s) for s in batch], axis=0)
+                  for i in range(len(batch[0].job.noises))]
+        labels = (None if batch[0].job.labels is None
+                  else np.concatenate([part(s.job.labels, s) for s in batch], axis=0))  # type: ignore[arg-type]
         size = noises[0].shape[0]
         t0 = time.perf_counter()
         try:
@@ -192,12 +252,12 @@ class MicroBatcher:
         except Exception as e:  # noqa: BLE001 - a backend failure fails only this batch
             log.exception("backend failure on model %s (batch of %d images)", self.model, size)
             self._m.backend_failures.labels(self.model).inc()
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(BackendFailure(
+            for sl in batch:
+                if not sl.job.future.done():
+                    sl.job.future.set_exception(BackendFailure(
                         f"the backend of model {self.model!r} failed on this batch: {type(e).__name__}: {e}",
                         headers={"Retry-After": "1"}))
-                    job.future.exception()
+                    sl.job.future.exception()
             return
         dt = time.perf_counter() - t0
         self._batch_s = 0.8 * self._batch_s + 0.2 * dt
@@ -206,11 +266,9 @@ class MicroBatcher:
         self._m.backend_runs.labels(self.model, str(steps)).inc()
         self._m.images.labels(self.model).inc(size)
         i = 0
-        for job in batch:
-            part = images[i:i + job.n]
-            i += job.n
-            if not job.future.done():
-                job.future.set_result(part)
+        for sl in batch:
+            sl.job.deliver(sl.start, images[i:i + sl.n])
+            i += sl.n
 
     async def close(self, timeout_s: float) -> None:
         """Stop accepting work, finish what is queued or running (up to timeout_s), then stop the collector."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("quickstep.serve")
 
 MANIFEST = "manifest.json"
 FORMAT = "quickstep-bundle"
@@ -209,7 +212,8 @@ class QualityGateError(BundleError):
 
 
 def quality_flags(bundle: Bundle, backend: str) -> list[dict[str, Any]]:
-    """Entries of manifest quality.backends[backend] marked `flagged` by `quickstep-export report`, with steps."""
+    """Entries of manifest quality.backends[backend] marked `flagged` by `quickstep-export report`, with steps
+    (and the `device` they were measured on, e.g. 'onnxruntime (CPUExecutionProvider)', when recorded)."""
     q = bundle.quality or {}
     per_steps = (q.get("backends") or {}).get(backend) or {}
     if not isinstance(per_steps, dict):
@@ -217,17 +221,35 @@ def quality_flags(bundle: Bundle, backend: str) -> list[dict[str, Any]]:
     return [{"steps": k, **e} for k, e in sorted(per_steps.items()) if isinstance(e, dict) and e.get("flagged")]
 
 
+def same_device(a: str, b: str) -> bool:
+    """Two backend descriptions ('onnxruntime (CUDAExecutionProvider)', 'torch (cpu)') name the same device."""
+    return " ".join(str(a).lower().split()) == " ".join(str(b).lower().split())
+
+
 def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
 
 
-def check_quality_gate(bundle: Bundle, backend: str, force: bool = False) -> str | None:
-    """Refuse (QualityGateError) a bundle whose quality report flags `backend`; with `force`, return the warning."""
+def check_quality_gate(bundle: Bundle, backend: str, force: bool = False, device: str | None = None) -> str | None:
+    """Refuse (QualityGateError) a bundle whose quality report flags `backend`; with `force`, return the warning.
+
+    `device` is what the backend will run on (Backend.planned_describe(), e.g. 'onnxruntime (CUDAExecutionProvider)').
+    A flagged entry that records another device (measured on CPU, served on CUDA) does not refuse: it is logged
+    as a note.  Entries without a device, or a gate without one, key on the backend name alone."""
     flags = quality_flags(bundle, backend)
+    if device is not None:
+        elsewhere = [f for f in flags if f.get("device") and not same_device(f["device"], device)]
+        if elsewhere:
+            log.warning("model %r: the quality report flags backend %r on %s (steps %s), not on %s as served "
+                        "here; the flag does not apply - run `quickstep-export report` on this device to gate it",
+                        bundle.name, backend, sorted({str(f["device"]) for f in elsewhere}),
+                        [f["steps"] for f in elsewhere], device)
+        flags = [f for f in flags if f not in elsewhere]
     if not flags:
         return None
     what = "; ".join(f"FD {_num(f.get('fd'))} at steps={f['steps']} vs torch reference FD {_num(f.get('fd_torch'))} "
-                     f"(allowed difference {_num(f.get('fd_margin'))})" for f in flags)
+                     f"(allowed difference {_num(f.get('fd_margin'))})"
+                     + (f" on {f['device']}" if f.get("device") else "") for f in flags)
     msg = (f"model {bundle.name!r}: the bundle's quality report flags backend {backend!r}: {what}. "
            f"Its samples do not match the torch reference")
     if force:

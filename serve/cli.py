@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-body-bytes", type=int, help="largest request body, 413 beyond it (1 MiB)")
     a("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN", help="allowed CORS origin (repeatable)")
     a("--intra-op-threads", type=int, help="onnxruntime intra-op threads (0 = default)")
+    a("--ort-tensorrt", action="store_true", default=None,
+      help="onnxruntime: put the TensorRT execution provider ahead of CUDA when it is installed")
+    a("--ort-trt-cache-dir", metavar="DIR",
+      help="onnxruntime TensorRT provider engine cache root (default $XDG_CACHE_HOME/quickstep/ort-trt)")
     a("--torch-compile", action="store_true", default=None, help="torch backend: torch.compile the generators")
     a("--no-ui", action="store_false", dest="ui", default=None, help="do not mount the Gradio demo at /ui")
     a("--force", action="store_true", default=None,

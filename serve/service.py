@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends.base import Backend, create_backend
 from .batcher import Disconnected, Job, MicroBatcher
-from .bundle import Bundle
+from .bundle import Bundle, check_quality_gate, same_device
 from .errors import InvalidRequest, ModelNotFound, NotReady
 from .metrics import ServeMetrics
 from .schemas import MAX_SEED, GenerateRequest, ModelInfo
@@ -92,6 +92,7 @@ class ModelRuntime:
     batcher: MicroBatcher | None = None
     ready: bool = False
     error: str | None = None
+    gated_on: str | None = None  # the device description the quality gate was checked against
 
     @property
     def name(self) -> str:
@@ -131,8 +132,16 @@ class GenerationService:
             raise ValueError(f"default_model {self.default_model!r} is not among the loaded models {names}")
         for rt in self.models.values():
             rt.backend.preflight()
+            rt.gated_on = rt.backend.planned_describe()
+            self._quality_gate(rt, rt.gated_on)
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self.loaded = asyncio.Event()
+
+    def _quality_gate(self, rt: ModelRuntime, device: str) -> None:
+        """QualityGateError when the bundle's quality report flags this backend on `device` (unless --force)."""
+        warning = check_quality_gate(rt.bundle, self.settings.backend, self.settings.force, device=device)
+        if warning:
+            log.warning(warning)
 
     # ---------------------------------------------------------------- lifecycle
     def executor(self, device: str) -> ThreadPoolExecutor:
@@ -152,6 +161,12 @@ class GenerationService:
             self.metrics.ready.labels(rt.name).set(0)
             try:
                 await loop.run_in_executor(self.executor("loader"), rt.backend.load)
+                actual = rt.backend.describe()
+                if rt.gated_on is not None and not same_device(actual, rt.gated_on):  # e.g. a CUDA fallback
+                    log.info("model %s runs on %s, not %s as planned: quality gate again", rt.name, actual,
+                             rt.gated_on)
+                    rt.gated_on = actual
+                    self._quality_gate(rt, actual)
                 ex = self.executor(rt.backend.device)
                 await loop.run_in_executor(ex, rt.backend.warmup)
             except Exception as e:  # noqa: BLE001 - reported through /health/ready and the log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -43,7 +44,12 @@ class ServeSettings(BaseSettings):
     # backend tuning
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0 = runtime default).")
     intra_op_spinning: bool = Field(False, description="Let onnxruntime's idle intra-op threads spin (burns CPU).")
-    ort_tensorrt: bool = Field(False, description="Put onnxruntime's TensorRT provider ahead of CUDA.")
+    ort_tensorrt: bool = Field(False, description="Put onnxruntime's TensorRT provider ahead of CUDA "
+                               "(QUICKSTEP_ORT_TENSORRT=1, --ort-tensorrt).")
+    ort_trt_cache_dir: Path | None = Field(
+        None, description="Root of the onnxruntime TensorRT provider's engine/timing caches, one sub-directory per "
+        "bundle (sha of its manifest); default $XDG_CACHE_HOME/quickstep/ort-trt (~/.cache/...). Never the bundle "
+        "itself: bundles stay read-only and verifiable.")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the generator.")
     torch_compile_mode: str = "default"
     # network
@@ -72,6 +78,14 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _lists(cls, v: object) -> object:
         return _split_list(v)
+
+    def ort_trt_cache_root(self) -> Path:
+        """ort_trt_cache_dir, else $XDG_CACHE_HOME/quickstep/ort-trt (~/.cache/quickstep/ort-trt)."""
+        if self.ort_trt_cache_dir is not None:
+            return Path(self.ort_trt_cache_dir).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+        return base / "quickstep" / "ort-trt"
 
     def resolved_api_keys(self) -> list[str]:
         """Keys from QUICKSTEP_API_KEYS / api_keys and from api_key_file (read at start-up)."""

@@ -1,4 +1,8 @@
-"""AOTInductor backend: generator_{k}step.pt2 packages loaded with torch._inductor.aoti_load_package."""
+"""AOTInductor backend: generator_{k}step.pt2 packages loaded with torch._inductor.aoti_load_package.
+
+A package runs on the device it was compiled for (manifest["aoti"]["device"], written by `quickstep-export aoti`),
+so that device is used whatever --device auto would pick; a conflicting --device or a host without that device is
+a clear error."""
 
 from __future__ import annotations
 
@@ -9,6 +13,30 @@ import numpy as np
 from ..bundle import Bundle
 from ..settings import ServeSettings
 from .base import Backend, BackendError, want_cuda
+
+
+def package_device(bundle: Bundle, settings: ServeSettings, cuda_available: bool) -> str:
+    """'cpu' or 'cuda': the device the bundle's packages were compiled for (manifest aoti.device); bundles that do
+    not record it fall back to --device (auto = CUDA when available).  BackendError when the host lacks the
+    recorded device or --device asks for the other one."""
+    section = bundle.manifest.get("aoti")
+    recorded = section.get("device") if isinstance(section, dict) else None
+    if recorded is None:
+        return "cuda" if want_cuda(settings, cuda_available) else "cpu"
+    recorded = str(recorded).split(":")[0].lower()
+    if recorded not in ("cpu", "cuda"):
+        raise BackendError(f"bundle {bundle.name!r}: manifest aoti.device is {recorded!r}; expected 'cpu' or 'cuda'")
+    if settings.device != "auto" and settings.device != recorded:
+        raise BackendError(
+            f"bundle {bundle.name!r}: its AOTInductor packages were compiled for {recorded!r} and cannot run on "
+            f"--device {settings.device}; serve it with --device {recorded} (or auto), or re-export them with "
+            f"`quickstep-export aoti --device {settings.device}`")
+    if recorded == "cuda" and not cuda_available:
+        raise BackendError(
+            f"bundle {bundle.name!r}: its AOTInductor packages were compiled for CUDA and this host has no usable "
+            "CUDA GPU (torch.cuda.is_available() is False); re-export them with `quickstep-export aoti --device cpu` "
+            "or use --backend onnxruntime")
+    return recorded
 
 
 class AotiBackend(Backend):
@@ -24,6 +52,11 @@ class AotiBackend(Backend):
     def preflight(self) -> None:
         for steps in self.bundle.steps_supported:
             self.bundle.graph_file(steps, "aoti", "AOTInductor package (.pt2)")
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover
+            raise BackendError("the aoti backend needs torch>=2.6: pip install 'quickstep[train]'") from e
+        self.device = package_device(self.bundle, self.settings, torch.cuda.is_available())
 
     def load(self) -> None:
         try:
@@ -32,7 +65,7 @@ class AotiBackend(Backend):
         except ImportError as e:  # pragma: no cover
             raise BackendError("the aoti backend needs torch>=2.6: pip install 'quickstep[train]'") from e
         self._torch = torch
-        self.device = "cuda" if want_cuda(self.settings, torch.cuda.is_available()) else "cpu"
+        self.device = package_device(self.bundle, self.settings, torch.cuda.is_available())
         for steps in self.bundle.steps_supported:
             path = self.bundle.graph_file(steps, "aoti", "AOTInductor package (.pt2)")
             try:

@@ -41,6 +41,10 @@ class Backend(ABC):
         """Backend name with the execution provider/device actually in use."""
         return f"{self.name} ({self.device})"
 
+    def planned_describe(self) -> str:
+        """What describe() will say once loaded, known after preflight() (the quality gate keys on it)."""
+        return self.describe()
+
     def warmup(self) -> None:
         """Run every step count at batch 1 and max_batch so first requests do not pay allocation costs."""
         c, h, w = self.bundle.image_shape

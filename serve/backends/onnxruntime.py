@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import MANIFEST, Bundle
 from ..settings import ServeSettings
 from .base import Backend, BackendError, want_cuda
 
@@ -33,19 +35,40 @@ class OnnxRuntimeBackend(Backend):
         self.sessions: dict[int, Any] = {}
         self.providers: list[str] = []
 
-    def _requested_providers(self, ort: Any) -> list[Any]:
+    def _requested_providers(self, ort: Any, warn: bool = False) -> list[Any]:
         available = set(ort.get_available_providers())
         use_cuda = want_cuda(self.settings, "CUDAExecutionProvider" in available)
         providers: list[Any] = []
         if use_cuda:
             if self.settings.ort_tensorrt and "TensorrtExecutionProvider" in available:
-                cache = str(self.bundle.path / ".ort_trt_cache")
+                cache = str(self.trt_cache_dir())
                 providers.append(("TensorrtExecutionProvider", {
                     "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                     "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}))
+            elif self.settings.ort_tensorrt and warn:
+                log.warning("--ort-tensorrt: onnxruntime has no TensorrtExecutionProvider here (available: %s); "
+                            "using CUDA", sorted(available))
             providers.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
         providers.append("CPUExecutionProvider")
         return providers
+
+    def trt_cache_dir(self) -> Path:
+        """Where the TensorRT provider caches engines for this bundle: outside the bundle (which may be read-only
+        and must hold only the files its manifest lists), keyed by the manifest's sha256 so a re-exported bundle
+        never picks up stale engines."""
+        digest = hashlib.sha256((self.bundle.path / MANIFEST).read_bytes()).hexdigest()[:16]
+        return self.settings.ort_trt_cache_root() / digest
+
+    def _make_trt_cache(self, requested: list[Any]) -> None:
+        for p in requested:
+            if isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider":
+                path = Path(p[1]["trt_engine_cache_path"])
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise BackendError(f"cannot create the onnxruntime TensorRT engine cache {path}: {e.strerror}; "
+                                       "set --ort-trt-cache-dir (QUICKSTEP_ORT_TRT_CACHE_DIR) to a writable "
+                                       "directory") from e
 
     def preflight(self) -> None:
         ort = _import_ort()
@@ -55,7 +78,8 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self) -> None:
         ort = _import_ort()
-        requested = self._requested_providers(ort)
+        requested = self._requested_providers(ort, warn=True)
+        self._make_trt_cache(requested)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.settings.intra_op_threads:
@@ -82,6 +106,13 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> str:
         return f"onnxruntime ({self.providers[0] if self.providers else 'not loaded'})"
+
+    def planned_describe(self) -> str:
+        """'onnxruntime (<first provider requested>)': the provider that will run unless it fails to initialise."""
+        if self.providers:
+            return self.describe()
+        first = self._requested_providers(_import_ort())[0]
+        return f"onnxruntime ({first[0] if isinstance(first, tuple) else first})"
 
     def _feeds(self, steps: int, noises: list[np.ndarray], labels: np.ndarray | None) -> dict[str, np.ndarray]:
         g = self.bundle.graphs[steps]

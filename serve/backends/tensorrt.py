@@ -1,7 +1,16 @@
-"""Native TensorRT backend: deserialises the bundle's *.plan engines and runs them with execute_async_v3."""
+"""Native TensorRT backend: deserialises the bundle's *.plan engines and runs them with execute_async_v3.
+
+Plans are tied to the GPU model and the TensorRT version that built them.  `quickstep-export tensorrt` names each
+`<graph>.<gpu>.trt<version>.plan` and records every build in manifest graphs[k]["tensorrt_plans"][<gpu>.trt<version>]
+(graphs[k]["tensorrt"] is only the latest build, maybe for another GPU), so the backend loads the plan whose tag
+matches this GPU and TensorRT version, and refuses with the list of available plans when none does.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +20,44 @@ from ..settings import ServeSettings
 from .base import Backend, BackendError
 
 PLAN_KEYS = ("tensorrt", "plan", "trt")
+_LEGACY_TAG = re.compile(r"^[^.]+\.(?P<tag>[^/]+\.trt\d[^/]*)\.plan$")  # <graph>.<gpu>.trt<version>.plan
+
+log = logging.getLogger("quickstep.serve")
+
+
+def plan_tag(gpu_name: str, trt_version: str) -> str:
+    """'<gpu name>.trt<version>' with filesystem-safe characters - the same tag as export.tensorrt.engine_tag."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name).strip("_")
+    return f"{gpu}.trt{trt_version}"
+
+
+def select_plan(bundle: Bundle, steps: int, tag: str) -> Path:
+    """The plan file built for `tag` (this GPU and TensorRT version) for `steps`; BundleError listing the plans
+    the bundle has when none matches."""
+    raw = next((g for k, g in (bundle.manifest.get("graphs") or {}).items() if str(k) == str(steps)), None) or {}
+    plans = raw.get("tensorrt_plans") if isinstance(raw, dict) else None
+    rebuild = (f"plans are tied to the GPU model and the TensorRT version: build one on this machine with "
+               f"`quickstep-export tensorrt {bundle.path}`, or use --backend onnxruntime")
+    if isinstance(plans, dict) and plans:
+        rel = plans.get(tag)
+        if not isinstance(rel, str):
+            available = ", ".join(f"{t} ({f})" for t, f in sorted(plans.items()))
+            raise BundleError(f"bundle {bundle.name!r} has no TensorRT engine for this GPU and TensorRT version "
+                              f"({tag}) for steps={steps}; plans available: {available}; {rebuild}")
+        return bundle.file(rel)
+    g = bundle.graphs[steps]
+    key = next((k for k in PLAN_KEYS if k in g.files), None)
+    if key is None:
+        raise BundleError(f"bundle {bundle.name!r} has no TensorRT engine (*.plan) for steps={steps}; build one "
+                          "on this GPU with `quickstep-export tensorrt` or use --backend onnxruntime")
+    rel = g.files[key]
+    m = _LEGACY_TAG.match(Path(rel).name)
+    if m is not None and m.group("tag") != tag:
+        raise BundleError(f"bundle {bundle.name!r} has no TensorRT engine for this GPU and TensorRT version ({tag}) "
+                          f"for steps={steps}; plans available: {m.group('tag')} ({rel}); {rebuild}")
+    if m is None:
+        log.warning("bundle %s: TensorRT plan %s records no GPU/TensorRT tag; loading it on %s", bundle.name, rel, tag)
+    return bundle.graph_file(steps, key, "TensorRT engine")
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
@@ -44,14 +91,14 @@ class TensorRTBackend(Backend):
         self._trt: Any = None
         self._torch: Any = None
         self.device = "cuda"
+        self.tag: str | None = None
+        self.plans: dict[int, Path] = {}
 
-    def _plan(self, steps: int):
-        g = self.bundle.graphs[steps]
-        for key in PLAN_KEYS:
-            if key in g.files:
-                return self.bundle.graph_file(steps, key, "TensorRT engine")
-        raise BundleError(f"bundle {self.bundle.name!r} has no TensorRT engine (*.plan) for steps={steps}; build one "
-                          "on this GPU with `quickstep-export tensorrt` or use --backend onnxruntime")
+    def _plan(self, steps: int) -> Path:
+        if self.tag is None:
+            trt, torch = _import_tensorrt()
+            self.tag = plan_tag(torch.cuda.get_device_name(0), trt.__version__)
+        return select_plan(self.bundle, steps, self.tag)
 
     def preflight(self) -> None:
         _import_tensorrt()
@@ -65,7 +112,7 @@ class TensorRTBackend(Backend):
         if runtime is None:
             raise BackendError("TensorRT could not create a runtime (is the CUDA driver usable?)")
         for steps in self.bundle.steps_supported:
-            path = self._plan(steps)
+            path = self.plans[steps] = self._plan(steps)
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"TensorRT could not deserialise {path}; plans are tied to the GPU and the TensorRT "

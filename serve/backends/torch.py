@@ -36,7 +36,7 @@ class TorchBackend(Backend):
             raise BundleError(f"bundle {self.bundle.name!r} has no 'torch' section (model.safetensors + config.json)")
         for rel in files.values():
             self.bundle.file(rel)
-        want_cuda(self.settings, torch.cuda.is_available())
+        self.device = "cuda" if want_cuda(self.settings, torch.cuda.is_available()) else "cpu"
 
     def load(self) -> None:
         torch = self._torch = _import_torch()

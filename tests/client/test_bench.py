@@ -58,3 +58,48 @@ def test_bench_cli_against_real_server_writes_json_and_png(real_server, tmp_path
 def test_bench_rejects_bad_levels(capsys):
     assert main(["bench", "--concurrency", "0,2"]) == 1
     assert "comma-separated positive integers" in capsys.readouterr().err
+
+
+def _generate_body(b64: str) -> dict:
+    return {"model": "scripted", "steps": 1, "seed": 0, "latency_ms": 1.0,
+            "images": [{"index": 0, "b64": b64, "mime": "image/png"}]}
+
+
+def test_bench_counts_undecodable_answers_as_failures(scripted):
+    """200 answers with bad base64 or bytes that are no image: counted as 'decode_error', the level goes on."""
+    import base64
+
+    url, state = scripted
+    state.queue += [(200, {}, _generate_body("!!not base64!")),
+                    (200, {}, _generate_body(base64.b64encode(b"not an image").decode())),
+                    (200, {}, {"model": "scripted", "images": "nope"})]  # no such response shape: bad_response
+    cfg = BenchConfig(url=url, concurrency=(1,), duration_s=30.0, max_requests=8, warmup=0)
+    (lv,) = asyncio.run(run_bench(cfg))["levels"]
+    assert (lv["sent"], lv["succeeded"], lv["failed"]) == (8, 5, 3)
+    assert lv["failed_by_status"] == {"bad_response": 1, "decode_error": 2}
+    assert lv["sent"] == lv["succeeded"] + sum(lv["failed_by_status"].values())
+    assert "decode_error" in lv["first_error"] and state.hits == 8
+
+
+def test_bench_counts_unexpected_exceptions(scripted, monkeypatch):
+    """Whatever a request raises is a failed request with a category, never an aborted bench."""
+    from quickstep.client import bench, sdk
+
+    url, _ = scripted
+    real = sdk.decode_generate
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("surprise")
+        if calls["n"] == 3:
+            raise ValueError("raw decoder error")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sdk, "decode_generate", flaky)
+    (lv,) = asyncio.run(run_bench(BenchConfig(url=url, concurrency=(2,), duration_s=30.0, max_requests=6,
+                                              warmup=0)))["levels"]
+    assert (lv["sent"], lv["succeeded"], lv["failed"]) == (6, 4, 2)
+    assert lv["failed_by_status"] == {"decode_error": 1, "error:KeyError": 1}
+    assert bench.failure_category(sdk.QuickstepError("x", status=200, code="bad_response")) == "bad_response"

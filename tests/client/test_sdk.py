@@ -168,3 +168,18 @@ def test_async_client_retries_concurrently(scripted):
     with pytest.raises(ValidationError, match="n: too many"):
         asyncio.run(bad())
     assert state.hits == 7
+
+
+def test_undecodable_image_raises_decode_error(scripted):
+    import base64
+
+    from quickstep.client import Client, DecodeError, QuickstepError
+
+    url, state = scripted
+    body = {"model": "scripted", "steps": 1, "seed": 0, "latency_ms": 1.0,
+            "images": [{"index": 0, "b64": base64.b64encode(b"GIF89a-truncated").decode(), "mime": "image/png"}]}
+    state.queue.append((200, {}, body))
+    with Client(url) as c, pytest.raises(DecodeError) as e:
+        c.generate(seed=1)
+    assert isinstance(e.value, QuickstepError) and isinstance(e.value, ValueError)
+    assert e.value.code == "decode_error" and "image 0" in e.value.message

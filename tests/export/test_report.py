@@ -153,7 +153,9 @@ def test_wrong_sigma_data_graph_is_flagged(broken_cli, broken_bundle: Path) -> N
 
 def test_server_refuses_flagged_backend_unless_forced(broken_cli, broken_bundle: Path, monkeypatch) -> None:
     q = read_manifest(broken_bundle)["quality"]["backends"]["onnxruntime"]["1"]
-    srv = ServerProcess([broken_bundle], args=["--backend", "onnxruntime"])
+    # the report measured onnxruntime on CPU: the gate keys on backend + device, so serve it on CPU (on a GPU host
+    # --device auto would pick CUDA, where this CPU measurement does not apply)
+    srv = ServerProcess([broken_bundle], args=["--backend", "onnxruntime", "--device", "cpu"])
     try:
         assert srv.wait(60) == 2
     finally:
@@ -168,8 +170,8 @@ def test_server_refuses_flagged_backend_unless_forced(broken_cli, broken_bundle:
     assert ServeSettings().force is True
     monkeypatch.delenv("QUICKSTEP_FORCE")
     with pytest.raises(QualityGateError):
-        serve(bundle=[broken_bundle]).__enter__()
-    with serve(bundle=[broken_bundle], force=True) as s:
+        serve(bundle=[broken_bundle], device="cpu").__enter__()
+    with serve(bundle=[broken_bundle], device="cpu", force=True) as s:
         r = httpx.post(s.url + "/v1/generate", json={"n": 2, "seed": 1, "steps": 1}, timeout=30)
         assert r.status_code == 200
     with serve(bundle=[broken_bundle], backend="torch") as s:  # the torch backend is not flagged

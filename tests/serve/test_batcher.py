@@ -71,17 +71,101 @@ def test_mixed_steps_and_labels_split_back_correctly():
     assert sorted(rec.calls) == [(1, 4), (2, 4)]  # one batch per step count, labels mixed inside
 
 
-def test_max_batch_respected_and_oversized_job_runs_alone():
+def test_max_batch_respected_and_oversized_job_split():
     rec = Recorder()
 
     async def main():
         b = make(rec, max_batch=4)
         b.start()
-        await asyncio.gather(*(b.submit(job(1, [i, i], 0)) for i in range(5)), b.submit(job(1, list(range(6)), 0)))
+        big = job(1, list(range(6)), 0)
+        outs = await asyncio.gather(*(b.submit(job(1, [i, i], 0)) for i in range(5)), b.submit(big))
         await b.close(5)
+        return outs[-1]
 
-    run(main())
-    assert all(n <= 4 or n == 6 for _, n in rec.calls) and sum(n for _, n in rec.calls) == 16
+    big_out = run(main())
+    assert all(n <= 4 for _, n in rec.calls) and sum(n for _, n in rec.calls) == 16, rec.calls
+    assert big_out[:, 0, 0, 2].tolist() == list(range(6))  # chunks reassembled in order
+
+
+def test_request_larger_than_max_batch_runs_in_max_batch_chunks():
+    """n = 10 with max_batch = 4: backend runs of 4, 4 and 2 (never 10), results in order; a small request queued
+    behind it still gets its images; metrics count every chunk."""
+    rec = Recorder()
+    metrics = ServeMetrics()
+
+    async def main():
+        b = MicroBatcher("m", rec, ThreadPoolExecutor(1), metrics, max_batch=4, max_wait_s=0.0, max_queue=2)
+        b.start()
+        big, small = job(2, list(range(10, 20)), 7), job(2, [99], 8)
+        outs = await asyncio.gather(b.submit(big), b.submit(small))
+        await b.close(5)
+        return big, outs
+
+    big, (big_out, small_out) = run(main())
+    assert max(n for _, n in rec.calls) == 4 and sum(n for _, n in rec.calls) == 11, rec.calls
+    assert [n for _, n in rec.calls][:2] == [4, 4]
+    assert big_out.shape == (10, 1, 1, 3) and big_out[:, 0, 0, 2].tolist() == list(range(10, 20))
+    assert (big_out[:, 0, 0, 1] == 7).all() and (big_out[:, 0, 0, 0] == 2).all()
+    assert small_out[:, 0, 0, 2].tolist() == [99] and small_out[0, 0, 0, 1] == 8
+    runs = sum(s.value for s in metrics.backend_runs.collect()[0].samples if s.name.endswith("_total"))
+    assert runs == len(rec.calls) >= 3
+
+
+def test_chunked_request_fails_whole_when_a_chunk_fails():
+    calls = []
+
+    def flaky(steps, noises, labels):
+        calls.append(noises[0].shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return np.zeros((noises[0].shape[0], 1, 1, 3), np.uint8)
+
+    async def main():
+        b = make(flaky, max_batch=2, max_wait_s=0.0)  # type: ignore[arg-type]
+        b.start()
+        with pytest.raises(BackendFailure, match="boom"):
+            await b.submit(job(1, list(range(6)), 0))
+        ok = await b.submit(job(1, [1, 2, 3], 0))  # the batcher carries on
+        await b.close(5)
+        return ok
+
+    assert run(main()).shape == (3, 1, 1, 3)
+    assert calls[:2] == [2, 2] and all(n <= 2 for n in calls)
+
+
+def test_split_request_gives_the_pixels_of_one_run(bundle_dir):
+    """A real onnxruntime backend: n = 7 through max_batch = 3 (runs of 3, 3, 1) equals one batch of 7."""
+    from quickstep.serve.backends.base import create_backend
+    from quickstep.serve.bundle import load_bundle
+    from quickstep.serve.service import draw_noise
+    from quickstep.serve.settings import ServeSettings
+
+    b = load_bundle(bundle_dir)
+    backend = create_backend(b, ServeSettings(backend="onnxruntime", device="cpu", max_batch=3))
+    backend.load()
+    sizes = []
+
+    def run_fn(steps, noises, labels):
+        sizes.append(noises[0].shape[0])
+        return backend.run(steps, noises, labels)
+
+    for steps in b.steps_supported:
+        noises = draw_noise(1234, 7, b.image_shape, len(b.graphs[steps].noise_inputs))
+        whole = backend.run(steps, noises, None)
+
+        async def main(steps=steps, noises=noises):
+            mb = MicroBatcher("m", run_fn, ThreadPoolExecutor(1), ServeMetrics(), max_batch=3, max_wait_s=0.0,
+                              max_queue=4)
+            mb.start()
+            out = await mb.submit(Job(steps=steps, noises=noises, labels=None,
+                                      deadline=asyncio.get_running_loop().time() + 30))
+            await mb.close(5)
+            return out
+
+        sizes.clear()
+        split = run(main())
+        assert sizes == [3, 3, 1]
+        np.testing.assert_array_equal(split, whole)
 
 
 def test_backend_failure_fails_only_its_batch():

@@ -86,3 +86,78 @@ def test_discover_and_bundled_default(cond_bundle_dir, tmp_path, monkeypatch):
     (tmp_path / "bundled").mkdir()
     shutil.copytree(cond_bundle_dir, tmp_path / "bundled" / "digits")
     assert bundle_mod.bundled_default() == tmp_path / "bundled" / "digits"
+
+
+# ----------------------------------------------------------------------------------------------- quality gate
+CPU_EP, CUDA_EP = "onnxruntime (CPUExecutionProvider)", "onnxruntime (CUDAExecutionProvider)"
+
+
+def flagged_bundle(src: Path, dst: Path, device: str | None) -> Path:
+    """A copy of `src` whose quality report flags onnxruntime at steps 1, measured on `device` (None: unrecorded)."""
+    shutil.copytree(src, dst)
+    mf = dst / "manifest.json"
+    m = json.loads(mf.read_text())
+    entry = {"fd": 250.0, "fd_torch": 170.0, "fd_margin": 5.0, "flagged": True}
+    if device is not None:
+        entry["device"] = device
+    m["quality"] = {"backends": {"onnxruntime": {"1": entry},
+                                 "torch": {"1": {"fd": 170.0, "flagged": False, "device": "torch (cpu)"}}}}
+    mf.write_text(json.dumps(m))
+    return dst
+
+
+def test_quality_gate_keys_on_backend_and_device(copy, tmp_path, caplog):
+    from quickstep.serve.bundle import QualityGateError, check_quality_gate
+
+    cpu = load_bundle(flagged_bundle(copy, tmp_path / "cpu", CPU_EP))
+    with pytest.raises(QualityGateError, match=r"FD 250 at steps=1.*on onnxruntime \(CPUExecutionProvider\)"):
+        check_quality_gate(cpu, "onnxruntime", device=CPU_EP)
+    with pytest.raises(QualityGateError):
+        check_quality_gate(cpu, "onnxruntime")  # no device known: the backend name alone
+    assert "serving it anyway" in check_quality_gate(cpu, "onnxruntime", force=True, device=CPU_EP)
+    assert check_quality_gate(cpu, "torch", device="torch (cpu)") is None
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quickstep.serve"):
+        assert check_quality_gate(cpu, "onnxruntime", device=CUDA_EP) is None  # measured on CPU, served on CUDA
+    note = caplog.text
+    assert "CPUExecutionProvider" in note and "CUDAExecutionProvider" in note and "does not apply" in note
+    legacy = load_bundle(flagged_bundle(copy, tmp_path / "legacy", None))
+    with pytest.raises(QualityGateError):  # an entry without a device gates every device
+        check_quality_gate(legacy, "onnxruntime", device=CUDA_EP)
+
+
+def test_server_gates_on_the_device_it_runs_on(copy, tmp_path):
+    """On this (CPU) server: a flag measured on CUDA does not refuse; one measured on CPU does."""
+
+    from quickstep.serve.app import create_app
+    from quickstep.serve.bundle import QualityGateError
+    from quickstep.serve.settings import ServeSettings
+
+    cuda_flag = flagged_bundle(copy, tmp_path / "cuda", CUDA_EP)
+    app = create_app(ServeSettings(bundle=[cuda_flag], device="cpu", ui=False))
+    assert app.state.service.models[load_bundle(cuda_flag).name].gated_on == CPU_EP
+    with pytest.raises(QualityGateError, match="refusing to serve"):
+        create_app(ServeSettings(bundle=[flagged_bundle(copy, tmp_path / "cpu", CPU_EP)], device="cpu", ui=False))
+
+
+def test_quality_gate_rechecked_when_the_backend_falls_back(copy, tmp_path, monkeypatch):
+    """Planned on CUDA (not flagged there) but onnxruntime fell back to CPU (flagged): the model does not go ready."""
+    import asyncio
+
+    from quickstep.serve.backends.onnxruntime import OnnxRuntimeBackend
+    from quickstep.serve.metrics import ServeMetrics
+    from quickstep.serve.service import GenerationService
+    from quickstep.serve.settings import ServeSettings
+
+    b = load_bundle(flagged_bundle(copy, tmp_path / "cpu", CPU_EP))
+    monkeypatch.setattr(OnnxRuntimeBackend, "planned_describe", lambda self: CUDA_EP)
+    service = GenerationService([b], ServeSettings(device="cpu", ui=False), ServeMetrics())
+    rt = service.models[b.name]
+    assert rt.gated_on == CUDA_EP
+
+    async def main():
+        await service.load_all()
+        await service.close()
+
+    asyncio.run(main())
+    assert not rt.ready and rt.error and "QualityGateError" in rt.error and rt.gated_on == CPU_EP

@@ -29,8 +29,10 @@ def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def metric_samples(server) -> dict[str, list]:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+def metric_samples(server, headers: dict[str, str] | None = None) -> dict[str, list]:
+    r = httpx.get(server.url + "/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    text = r.text
     out: dict[str, list] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -105,8 +107,22 @@ def test_same_bytes_alone_and_batched(server):
     assert [im["b64"] for im in results[8].json()["images"]] == [im["b64"] for im in alone]
 
 
+def _batch_histogram(server, model: str) -> tuple[float, float, float]:
+    """(count, sum, count in the le=1 bucket) of the batch-size histogram of `model`."""
+    s = metric_samples(server)
+
+    def one(name: str, **labels: str) -> float:
+        return sum(x.value for x in s.get(name, []) if x.labels.get("model") == model
+                   and all(x.labels.get(k) == v for k, v in labels.items()))
+
+    return (one("quickstep_batch_size_images_count"), one("quickstep_batch_size_images_sum"),
+            one("quickstep_batch_size_images_bucket", le="1.0"))
+
+
 def test_batching_reduces_backend_runs(server):
+    model = server.app.state.service.default_model
     before = backend_runs(server)
+    count0, sum0, ones0 = _batch_histogram(server, model)
     n_req = 16
     gate = hold_worker(server)
     try:
@@ -120,8 +136,11 @@ def test_batching_reduces_backend_runs(server):
     assert all(r.status_code == 200 for r in rs)
     runs = backend_runs(server) - before
     assert 1 <= runs < n_req, f"{runs} backend runs for {n_req} concurrent requests: no batching"
-    sizes = metric_samples(server)["quickstep_batch_size_images_bucket"]
-    assert any(s.labels["le"] == "1.0" for s in sizes)
+    count1, sum1, ones1 = _batch_histogram(server, model)
+    assert count1 - count0 == runs  # one observation per backend run ...
+    assert sum1 - sum0 == n_req  # ... adding up to every image requested
+    assert ones1 - ones0 < runs  # at least one run merged several requests (a batch of more than 1 image)
+    assert (sum1 - sum0) / (count1 - count0) > 1
 
 
 @pytest.mark.parametrize("body,field", [

@@ -71,20 +71,31 @@ def test_429_queue_full(server):
 
 
 def test_504_deadline(server):
-    """A 50 ms deadline on a request that cannot run (the worker is held): 504 soon after, not at release."""
+    """A 1 ms deadline (X-Timeout-Ms: 1) on a request that cannot run (the worker is held, so no machine is fast
+    enough to beat it): 504 soon after, while the worker is still held, not at release."""
     server.wait_ready(30)
+    before = _dropped(server, "deadline")
     gate = hold_worker(server)
     try:
         t0 = time.perf_counter()
         r = httpx.post(server.url + "/v1/generate", json={"n": 16, "steps": 2},
-                       headers={**AUTH, "X-Timeout-Ms": "50"}, timeout=30)
+                       headers={**AUTH, "X-Timeout-Ms": "1"}, timeout=30)
         took = time.perf_counter() - t0
+        held = not gate.is_set()
     finally:
         gate.set()
-    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-    assert 0.05 <= took < 5
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    assert held and 0.001 <= took < 5
+    assert _dropped(server, "deadline") == before + 1
     # the server still answers normally afterwards
     assert httpx.post(server.url + "/v1/generate", json={}, headers=AUTH).status_code == 200
+
+
+def _dropped(server, reason: str) -> float:
+    from .test_http import metric_samples
+
+    return sum(x.value for x in metric_samples(server, headers=AUTH).get("quickstep_requests_dropped_total", [])
+               if x.labels["reason"] == reason)
 
 
 def test_disconnected_client_is_dropped_before_running(bundle_dir):
