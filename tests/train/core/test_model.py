@@ -199,3 +199,36 @@ def test_unet_config_round_trips_through_dict():
     assert cfg.sample_shape == (1, 16, 16) and cfg2.sample_shape == (5,)
     with pytest.raises(ValueError, match="unknown backbone kind"):
         ModelConfig.from_dict({"backbone": {"kind": "resnet"}})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_cuda_forward_and_jvp_match_cpu(kind):
+    """Both backbones on CUDA: float32 forward and torch.func.jvp match the CPU float64 reference; bfloat16
+    (weights and autocast) stays finite and close.  Skipped without CUDA."""
+    m = (tiny_model(num_classes=10) if kind == "unet" else mlp_model(num_classes=4)).double()
+    shape = (4, 1, 8, 8) if kind == "unet" else (4, 3)
+    x = torch.randn(shape, generator=_gen(11), dtype=torch.float64)
+    t = torch.tensor([0.25, 0.75, 1.125, 1.5], dtype=torch.float64)  # exact in bfloat16
+    dx, dt = torch.randn_like(x), torch.ones_like(t)
+    y = torch.tensor([1, 2, 3, 0])
+    with torch.no_grad():
+        ref, jref = torch.func.jvp(lambda a, b: m(a, b, y), (x, t), (dx, dt))
+    mc = copy.deepcopy(m).float().cuda()
+    args = [v.float().cuda() for v in (x, t, dx, dt)]
+    yc = y.cuda()
+    with torch.no_grad():
+        out, j = torch.func.jvp(lambda a, b: mc(a, b, yc), (args[0], args[1]), (args[2], args[3]))
+    assert float((out.double().cpu() - ref).abs().max() / ref.abs().max()) < 1e-3
+    assert float((j.double().cpu() - jref).abs().max() / jref.abs().max()) < 1e-3
+    # bfloat16 weights: the JVP stays finite and close on average (t is exact in bf16; sCM still keeps its JVP and
+    # tangent in float32 because bf16 tangents lose the small time derivatives)
+    mb = copy.deepcopy(mc).to(torch.bfloat16)
+    with torch.no_grad():
+        _, jb = torch.func.jvp(lambda a, b: mb(a, b, yc), (args[0].bfloat16(), args[1].bfloat16()),
+                               (args[2].bfloat16(), args[3].bfloat16()))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            auto = mc(args[0], args[1], yc)
+    assert jb.dtype == torch.bfloat16 and bool(torch.isfinite(jb).all())
+    assert float((jb.double().cpu() - jref).abs().mean()) < 0.1 * float(jref.abs().mean())
+    assert float((auto.double().cpu() - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-2
