@@ -84,6 +84,7 @@ class MicroBatcher:
         self._run = run
         self._executor = executor
         self._m = metrics
+        self.record_metrics = True  # off while the service warms the request path: /metrics shows served traffic
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -232,7 +233,7 @@ class MicroBatcher:
         steps = batch[0].job.steps
         now = loop.time()
         for sl in batch:
-            if sl.start == 0:  # a chunked job's queue wait ends when its first chunk runs
+            if sl.start == 0 and self.record_metrics:  # a chunked job's queue wait ends when its first chunk runs
                 self._m.queue_latency.labels(self.model).observe(now - sl.job.enqueued)
 
         def part(a: np.ndarray, sl: Slice) -> np.ndarray:
@@ -261,10 +262,11 @@ class MicroBatcher:
             return
         dt = time.perf_counter() - t0
         self._batch_s = 0.8 * self._batch_s + 0.2 * dt
-        self._m.compute_latency.labels(self.model, str(steps)).observe(dt)
-        self._m.batch_size.labels(self.model).observe(size)
-        self._m.backend_runs.labels(self.model, str(steps)).inc()
-        self._m.images.labels(self.model).inc(size)
+        if self.record_metrics:
+            self._m.compute_latency.labels(self.model, str(steps)).observe(dt)
+            self._m.batch_size.labels(self.model).observe(size)
+            self._m.backend_runs.labels(self.model, str(steps)).inc()
+            self._m.images.labels(self.model).inc(size)
         i = 0
         for sl in batch:
             sl.job.deliver(sl.start, images[i:i + sl.n])
