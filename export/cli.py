@@ -75,14 +75,15 @@ def onnx(
     def go():
         if not ckpt.exists():
             raise ExportError(f"checkpoint directory {str(ckpt)!r} does not exist")
-        from quickstep.train.core.checkpoint import load_config
+        from quickstep.train.core.checkpoint import find_checkpoint, load_config
 
-        k = detect_kind(load_config(ckpt), kind)
+        src = find_checkpoint(ckpt)  # a checkpoint, or a run directory's latest one
+        k = detect_kind(load_config(src), kind)
         kwargs = {}
         if step_list is not None:
             kwargs["steps" if k == "consistency" else "heun_steps"] = step_list
         t0 = time.perf_counter()
-        path = export_bundle(ckpt, out, kind=k, opset=opset, fp16=fp16, name=name, parity_batches=batches,
+        path = export_bundle(src, out, kind=k, opset=opset, fp16=fp16, name=name, parity_batches=batches,
                              **kwargs)
         return path, read_manifest(path), time.perf_counter() - t0
 

@@ -256,7 +256,10 @@ def make_evaluator(config: dict[str, Any], image_shape: tuple[int, int, int], nu
 def find_teacher(bundle_path: Path, manifest: dict[str, Any], config: dict[str, Any],
                  explicit: str | None) -> Path | None:
     """The teacher checkpoint directory: `explicit`, else manifest/config 'teacher' (a path or {'path': ...}),
-    resolved against the bundle and the working directory; None when none is named or it is not here."""
+    resolved against the bundle and the working directory (a training run directory means its latest checkpoint);
+    None when none is named or it is not here."""
+    from quickstep.train.core.checkpoint import CheckpointError, find_checkpoint
+
     candidates = [explicit] if explicit else [manifest.get("teacher"), config.get("teacher"),
                                                (config.get("train") or {}).get("teacher")
                                                if isinstance(config.get("train"), dict) else None]
@@ -266,10 +269,16 @@ def find_teacher(bundle_path: Path, manifest: dict[str, Any], config: dict[str, 
         if not isinstance(c, str) or not c:
             continue
         for p in (Path(c).expanduser(), bundle_path / c):
+            if p.is_dir():
+                try:  # a checkpoint, or a run directory's latest checkpoint
+                    p = find_checkpoint(p)
+                except CheckpointError:
+                    continue
             if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
                 return p.resolve()
         if explicit:
-            raise ReportError(f"--teacher {explicit!r} is not a checkpoint directory (config.json + model.safetensors)")
+            raise ReportError(f"--teacher {explicit!r} is not a checkpoint directory (config.json + model.safetensors) "
+                              "nor a training run directory holding one")
         log.warning("teacher %r named by the bundle is not available here; no teacher row", c)
     return None
 

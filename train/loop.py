@@ -37,7 +37,8 @@ from .core.networks import ModelConfig
 from .core.sampling import heun_teacher_sample
 from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objective_spec
 
-CKPT_PREFIX = "step-"
+CKPT_PREFIX = ckpt.CKPT_PREFIX
+find_checkpoint = ckpt.find_checkpoint  # a run directory -> its latest checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,20 +55,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def find_checkpoint(path: str | Path) -> Path:
-    """`path` if it is a checkpoint directory, else the latest `step-*` checkpoint inside a run directory."""
-    path = Path(path)
-    if (path / ckpt.CONFIG).exists() and (path / ckpt.WEIGHTS).exists():
-        return path
-    if path.is_dir():
-        cands = sorted((p for p in path.iterdir() if re.fullmatch(rf"{CKPT_PREFIX}\d+", p.name) and
-                        (p / ckpt.CONFIG).exists()), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-        if cands:
-            return cands[-1]
-        raise ckpt.CheckpointNotFoundError(f"{str(path)!r} holds no checkpoint (config.json or {CKPT_PREFIX}* dirs)")
-    return ckpt.resolve_dir(path)
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if name == "auto":

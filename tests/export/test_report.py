@@ -208,3 +208,18 @@ def test_ui_quality_markdown(report: dict, bundle: Path) -> None:
     assert f"{fd:.4g}" in md and "Teacher (35 NFE)" in md and "| 2 |" in md
     assert "not measured" in quality_markdown(q, "tensorrt")
     assert "No quality report" in quality_markdown(None, "onnxruntime")
+
+
+def test_teacher_may_be_a_training_run_directory(root: Path, bundle: Path, tmp_path: Path) -> None:
+    """`--teacher runs/teacher` (a run directory, as `make pipeline` passes it) resolves to its latest checkpoint."""
+    import shutil
+
+    from quickstep.export.report import ReportError, find_teacher
+
+    run = tmp_path / "teacher-run"
+    shutil.copytree(root / "teacher", run / "step-0000500")
+    shutil.copytree(root / "teacher", run / "step-0001000")
+    assert find_teacher(bundle, {}, {}, str(run)) == (run / "step-0001000").resolve()
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(ReportError, match="nor a training run directory"):
+        find_teacher(bundle, {}, {}, str(tmp_path / "not-a-run"))

@@ -64,6 +64,21 @@ def test_cli_onnx_export_and_report(cm_ckpt: Path, tmp_path: Path) -> None:
     assert read_manifest(tmp_path / "b")["steps_supported"] == [1]
 
 
+def test_cli_onnx_export_from_a_run_directory(cm_ckpt: Path, tmp_path: Path) -> None:
+    """`--ckpt runs/student` (a trainer run directory, as the README writes it) exports its latest checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(cm_ckpt, run / "step-0000010")
+    shutil.copytree(cm_ckpt, run / "step-0000002")
+    (run / "step-0000002" / "config.json").write_text("{}")  # an older, unusable one: must not be picked
+    result = _invoke("onnx", "--ckpt", run, "--out", tmp_path / "b", "--steps", "1", "--name", "tiny")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "b")["steps_supported"] == [1]
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    result = _invoke("onnx", "--ckpt", empty, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "holds no checkpoint" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

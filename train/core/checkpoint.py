@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,6 +97,23 @@ def atomic_write_dir(dest: str | Path, write_fn) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+CKPT_PREFIX = "step-"  # the trainer names checkpoints step-0001000 inside a run directory
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` if it is a checkpoint directory, else the latest `step-*` checkpoint inside a run directory."""
+    path = Path(path)
+    if (path / CONFIG).exists() and (path / WEIGHTS).exists():
+        return path
+    if path.is_dir():
+        cands = sorted((p for p in path.iterdir() if re.fullmatch(rf"{CKPT_PREFIX}\d+", p.name) and
+                        (p / CONFIG).exists()), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+        if cands:
+            return cands[-1]
+        raise CheckpointNotFoundError(f"{str(path)!r} holds no checkpoint (config.json or {CKPT_PREFIX}* dirs)")
+    return resolve_dir(path)
 
 
 def resolve_dir(path: str | Path) -> Path:
