@@ -142,6 +142,7 @@ def write_manifest(bundle: str | Path, manifest: dict[str, Any]) -> Path:
         f.write(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a server running as another user must read it
     os.replace(tmp, bundle / MANIFEST)
     return bundle / MANIFEST
 

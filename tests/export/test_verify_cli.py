@@ -122,3 +122,13 @@ def test_cli_tensorrt_without_tensorrt_or_gpu(cm_bundle: Path) -> None:
 def test_cli_aoti_bad_device(cm_bundle: Path) -> None:
     result = _invoke("aoti", "--bundle", cm_bundle, "--device", "tpu")
     assert result.exit_code == 2 and "device must be one of ['cpu', 'cuda']" in result.output
+
+
+def test_rewritten_manifest_stays_world_readable(bundle_copy: Path) -> None:
+    """report/annotate rewrite manifest.json atomically; the server may run as another user, so it stays 0644."""
+    import stat
+
+    from quickstep.export.bundle import write_manifest
+
+    write_manifest(bundle_copy, read_manifest(bundle_copy))
+    assert stat.S_IMODE((bundle_copy / "manifest.json").stat().st_mode) == 0o644
