@@ -57,7 +57,7 @@ clean:
 # Rebuild the bundled default model from scratch: teacher -> sCD student -> export -> report.
 RUNS ?= runs
 TEACHER_STEPS ?= 4000
-STUDENT_STEPS ?= 600
+STUDENT_STEPS ?= 1200
 BUNDLE ?= serve/bundled/digits-scd
 pipeline: install-dev
 	$(BIN)/quickstep-train fit --preset digits-stf --out $(RUNS)/teacher --steps $(TEACHER_STEPS)
