@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import binascii
 import json
 import math
 import time
@@ -92,7 +91,7 @@ def failure_category(e: BaseException) -> str:
     answer, else 'error:<ExceptionType>'."""
     if isinstance(e, QuickstepError):
         return str(e.status) if e.status is not None and e.status >= 400 else e.code
-    if isinstance(e, (binascii.Error, ValueError, OSError)):
+    if isinstance(e, (ValueError, OSError)):  # binascii.Error is a ValueError
         return "decode_error"
     return f"error:{type(e).__name__}"
 

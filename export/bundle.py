@@ -8,7 +8,6 @@ fails its parity gate.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from quickstep.train.core.checkpoint import (
     load_config,
     load_model,
     load_weights,
+    sha256_file,
 )
 
 from .onnx import (
@@ -101,15 +101,6 @@ def detect_kind(cfg: dict[str, Any], kind: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_table(bundle: str | Path) -> dict[str, dict[str, Any]]:
     """{relative path: {sha256, bytes}} for every file in the bundle except manifest.json."""
     bundle = Path(bundle)

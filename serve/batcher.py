@@ -47,6 +47,12 @@ class Job:
         """Images not yet handed to a batch."""
         return self.n - self.dispatched
 
+    def fail(self, exc: BaseException) -> None:
+        """Answer with `exc` unless already answered; marked retrieved, as the waiter may already be gone."""
+        if not self.future.done():
+            self.future.set_exception(exc)
+            self.future.exception()
+
     def deliver(self, start: int, images: np.ndarray) -> None:
         """Images [start, start + len) of this job; the future resolves once all n have arrived."""
         if self.future.done():
@@ -202,9 +208,7 @@ class MicroBatcher:
             except Exception as e:  # noqa: BLE001 - a bug here must fail this batch, never stop the collector
                 log.exception("batcher of model %s failed on a batch", self.model)
                 for sl in batch:
-                    if not sl.job.future.done():
-                        sl.job.future.set_exception(e)
-                        sl.job.future.exception()
+                    sl.job.fail(e)
 
     async def _live(self, batch: list[Slice], loop: asyncio.AbstractEventLoop) -> list[Slice]:
         """Drop slices whose caller gave up (deadline, cancellation) or whose client disconnected."""
@@ -217,14 +221,12 @@ class MicroBatcher:
                 continue
             if now > job.deadline:
                 self._m.dropped.labels(self.model, "deadline").inc()
-                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                job.future.exception()  # mark retrieved: the waiter may already be gone
+                job.fail(DeadlineExceeded("deadline passed while queued"))
                 continue
             if job.disconnected is not None:
                 if job.disconnected():
                     self._m.dropped.labels(self.model, "client_disconnected").inc()
-                    job.future.set_exception(ClientGone("client disconnected before its request ran"))
-                    job.future.exception()
+                    job.fail(ClientGone("client disconnected before its request ran"))
                     continue
             live.append(sl)
         return live
@@ -236,13 +238,10 @@ class MicroBatcher:
             if sl.start == 0 and self.record_metrics:  # a chunked job's queue wait ends when its first chunk runs
                 self._m.queue_latency.labels(self.model).observe(now - sl.job.enqueued)
 
-        def part(a: np.ndarray, sl: Slice) -> np.ndarray:
-            return a if sl.start == 0 and sl.stop == len(a) else a[sl.start:sl.stop]
-
-        noises = [np.concatenate([part(s.job.noises[i], s) for s in batch], axis=0)
+        noises = [np.concatenate([s.job.noises[i][s.start:s.stop] for s in batch], axis=0)  # slices are views
                   for i in range(len(batch[0].job.noises))]
         labels = (None if batch[0].job.labels is None
-                  else np.concatenate([part(s.job.labels, s) for s in batch], axis=0))  # type: ignore[arg-type]
+                  else np.concatenate([s.job.labels[s.start:s.stop] for s in batch], axis=0))  # type: ignore[index]
         size = noises[0].shape[0]
         t0 = time.perf_counter()
         try:
@@ -254,11 +253,9 @@ class MicroBatcher:
             log.exception("backend failure on model %s (batch of %d images)", self.model, size)
             self._m.backend_failures.labels(self.model).inc()
             for sl in batch:
-                if not sl.job.future.done():
-                    sl.job.future.set_exception(BackendFailure(
-                        f"the backend of model {self.model!r} failed on this batch: {type(e).__name__}: {e}",
-                        headers={"Retry-After": "1"}))
-                    sl.job.future.exception()
+                sl.job.fail(BackendFailure(
+                    f"the backend of model {self.model!r} failed on this batch: {type(e).__name__}: {e}",
+                    headers={"Retry-After": "1"}))
             return
         dt = time.perf_counter() - t0
         self._batch_s = 0.8 * self._batch_s + 0.2 * dt
@@ -283,7 +280,5 @@ class MicroBatcher:
         except (asyncio.TimeoutError, TimeoutError):
             self._task.cancel()
             for job in list(self._queue):
-                if not job.future.done():
-                    job.future.set_exception(ShuttingDown("server shut down before the request ran"))
-                    job.future.exception()
+                job.fail(ShuttingDown("server shut down before the request ran"))
             self._queue.clear()

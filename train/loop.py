@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -81,19 +80,11 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.optim.lr
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def teacher_record(teacher: str | Path) -> dict[str, str]:
     """{'path': absolute checkpoint directory, 'sha256': of its model.safetensors}: what a student's config.json
     records about its teacher, so that `--resume` finds it again (and notices if it changed)."""
     path = find_checkpoint(teacher).resolve()
-    return {"path": str(path), "sha256": _sha256(path / ckpt.WEIGHTS)}
+    return {"path": str(path), "sha256": ckpt.sha256_file(path / ckpt.WEIGHTS)}
 
 
 def saved_teacher(checkpoint: str | Path) -> Path | None:
@@ -111,7 +102,7 @@ def saved_teacher(checkpoint: str | Path) -> Path | None:
         raise ckpt.CheckpointNotFoundError(f"the teacher recorded in {checkpoint} ({str(path)!r}) no longer exists "
                                            f"or is not a checkpoint directory; {hint}")
     want = rec.get("sha256")
-    if want and _sha256(path / ckpt.WEIGHTS) != want:
+    if want and ckpt.sha256_file(path / ckpt.WEIGHTS) != want:
         raise ckpt.CheckpointMismatchError(f"the teacher recorded in {checkpoint} ({str(path)!r}) has changed since "
                                            f"the run started (sha256 of {ckpt.WEIGHTS} differs); {hint}")
     return path

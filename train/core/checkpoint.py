@@ -6,6 +6,7 @@ code (safetensors + JSON; state.pt with `weights_only=True`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,6 +98,15 @@ def atomic_write_dir(dest: str | Path, write_fn) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 CKPT_PREFIX = "step-"  # the trainer names checkpoints step-0001000 inside a run directory

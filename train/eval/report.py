@@ -31,7 +31,6 @@ import torch
 from ..core import checkpoint as ckpt_io
 from ..core.sampling import heun_teacher_sample, sample_consistency
 
-STUDENT_OBJECTIVES = frozenset({"sct", "scd", "direct_cm", "cd", "scm"})
 DEFAULT_STUDENT_STEPS = (1, 2)
 DEFAULT_TEACHER_STEPS = (2, 4, 9, 18)
 
@@ -49,9 +48,11 @@ class SampleRun:
 
 
 def checkpoint_kind(config: dict[str, Any]) -> str:
-    """'consistency' when the checkpoint was trained with a student objective, else 'diffusion'."""
-    objectives = set(config.get("objectives") or (config.get("train") or {}).get("objectives", {}) or [])
-    return "consistency" if objectives & STUDENT_OBJECTIVES else "diffusion"
+    """'consistency' when the checkpoint was trained with a student objective, else 'diffusion' (the trainer's
+    rule, `quickstep.train.loop.checkpoint_kind`)."""
+    from ..loop import checkpoint_kind as kind_of
+
+    return kind_of(config)
 
 
 def _find(path: str | Path) -> Path:
