@@ -312,9 +312,14 @@ def reading(results: dict[str, Any], key: str) -> list[str]:
                    f"**{verdict(a, b)}**.")
     st = results["students"]
 
+    def sq(student: str, nfe: int, k: str) -> tuple[float, float]:
+        """Mean and std over the student's seeds of metric k at `nfe`."""
+        vals = [v for v in ([x for x in r["report"]["quality"] if x["nfe"] == nfe][0].get(k) for r in st[student])
+                if v is not None]
+        return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
     def q(student: str, nfe: int, k: str) -> float:
-        vals = [[x for x in r["report"]["quality"] if x["nfe"] == nfe][0].get(k) for r in st[student]]
-        return statistics.fmean(v for v in vals if v is not None)
+        return sq(student, nfe, k)[0]
 
     def ode(student: str) -> float:
         vals = [next((o["mse"] for o in r["report"].get("ode_error", []) if o["reference"].startswith("teacher")),
@@ -330,11 +335,6 @@ def reading(results: dict[str, Any], key: str) -> list[str]:
                    f"{min(b['ratio'] for b in mid):.3g}–{max(b['ratio'] for b in mid):.3g}: "
                    f"**{'held' if mid and len(lower) == len(mid) else 'did not hold in every band'}** "
                    "(exact, no seed spread needed: the error is measured against the true posterior mean).")
-
-    def sq(student: str, nfe: int, k: str) -> tuple[float, float]:
-        vals = [v for v in ([x for x in r["report"]["quality"] if x["nfe"] == nfe][0].get(k) for r in st[student])
-                if v is not None]
-        return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
     if "scd" in st:
         out.append(f"- sCM: 2 steps beat 1 step (sCD {key} {q('scd', 2, key):.4g} vs {q('scd', 1, key):.4g}: "
