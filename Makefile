@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test install install-dev lint pytest clean pipeline
+.PHONY: demo test install install-dev lint pytest clean pipeline docker-test
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ pytest: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test: lint pytest
+
+# Build and exercise the Docker images with a private Docker engine (root: it installs docker.io and runs dockerd)
+docker-test: install-dev
+	$(if $(filter 0,$(shell id -u)),,sudo )PY=$(abspath $(BIN)/python) docker/test-local.sh
 
 demo: install
 	@echo ""

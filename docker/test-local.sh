@@ -18,8 +18,8 @@
 # Traffic goes to 127.0.0.1 only (the containers' own loopback is reached through their network namespace).
 #
 # Environment: PY (the project venv's python, default .venv/bin/python), QUICKSTEP_DOCKER_CACHE (rootfs
-# cache, default /var/cache/quickstep/docker-test), QUICKSTEP_DOCKER_GPU=1 also builds Dockerfile.gpu's
-# Python layers on the local base (slow: the CUDA wheels), PYTEST_ARGS (extra pytest arguments).
+# cache, default /var/cache/quickstep/docker-test), QUICKSTEP_DOCKER_COMPARE=1 (also benchmark two bare
+# server processes against the balancer), PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -163,11 +163,6 @@ SERVE_MB=$(( $("$DOCKER" image inspect -f '{{.Size}}' "$SERVE_TAG") / 1000000 ))
 log "built $SERVE_TAG cold in ${SERVE_BUILD_S}s (${SERVE_MB} MB; nginx/Prometheus images building alongside)"
 wait "$TOOLS_PID" || die "the nginx/Prometheus test images did not build"
 log "built quickstep-test/nginx:local and quickstep-test/prometheus:local ($(since "$t")s after the serve build began)"
-if [ "${QUICKSTEP_DOCKER_GPU:-0}" = 1 ]; then
-  t=$(date +%s.%N)
-  build gpu --build-arg BASE_IMAGE="$BASE_TAG" --target python-layers -f docker/Dockerfile.gpu -t quickstep-test/gpu-layers .
-  log "Dockerfile.gpu python layers on the local base in $(since "$t")s"
-fi
 
 # ---- 5. the checks -----------------------------------------------------------------------------------
 RESULTS=$WORK/results.json

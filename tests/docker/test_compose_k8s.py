@@ -61,6 +61,7 @@ def test_compose_serve_replicas(compose: dict) -> None:
     check = serve["healthcheck"]
     assert f"127.0.0.1:{PORT}{READY}" in _health_test(check) and check["test"][0] == "CMD"
     assert serve["read_only"] is True and serve["cap_drop"] == ["ALL"]
+    assert serve["security_opt"] == ["no-new-privileges=true"], "`no-new-privileges:true` is deprecated"
 
 
 def test_compose_load_balancer(compose: dict) -> None:
@@ -72,11 +73,14 @@ def test_compose_load_balancer(compose: dict) -> None:
     (listen,) = re.findall(r"^\s*listen\s+(\d+);", conf, re.M)
     assert any(str(p).endswith(f":{listen}") for p in lb["ports"]), "the published port reaches nginx's listen port"
     assert READY in _health_test(lb["healthcheck"]) and f":{listen}" in _health_test(lb["healthcheck"])
-    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, re.S)
-    assert upstream and re.search(rf"server\s+serve:{PORT}\s+resolve\b", upstream.group(2)), \
-        "nginx balances over every `serve` replica on port 8000, re-resolving as they scale"
+    # one config for the official image (nginx 1.28) and Debian's 1.22 (docker/test-local.sh runs it): the
+    # replicas are named through a variable, which nginx resolves per request with Docker's DNS (every replica,
+    # re-read as they scale); the upstream `resolve` parameter (open-source nginx >= 1.27.3 only) is not used
     assert re.search(r"resolver\s+127\.0\.0\.11\b", conf), "Docker's embedded DNS"
-    assert re.search(rf"proxy_pass\s+http://{upstream.group(1)};", conf)
+    target = re.search(rf"set\s+\$(\w+)\s+serve:{PORT};", conf)
+    assert target, "the balancer targets every `serve` replica on port 8000"
+    assert re.search(rf"proxy_pass\s+http://\${target.group(1)};", conf)
+    assert not re.search(r"^\s*server\s+\S+\s[^;]*\bresolve\b", conf, re.M), "`resolve` needs nginx >= 1.27.3"
     assert re.search(r"proxy_next_upstream\s+[^;]*http_503", conf), "a not-ready replica (503) is skipped"
     assert conf.count("{") == conf.count("}")
 
@@ -168,6 +172,11 @@ def test_docker_compose_config() -> None:
     resolved = json.loads(r.stdout)
     assert resolved["services"]["serve"]["deploy"]["replicas"] == 5
     assert resolved["services"]["lb"]["ports"][0]["published"] == "8080"
+    # nginx and Prometheus (no login) listen on the host's loopback unless QUICKSTEP_BIND_ADDRESS says otherwise
+    for service in ("lb", "prometheus"):
+        assert [p["host_ip"] for p in resolved["services"][service]["ports"]] == ["127.0.0.1"], service
+    r = _compose_config(cli, DOCKER / "compose.yaml", {"QUICKSTEP_BIND_ADDRESS": "0.0.0.0"})
+    assert json.loads(r.stdout)["services"]["lb"]["ports"][0]["host_ip"] == "0.0.0.0"
 
 
 def test_docker_compose_config_rejects_invalid(tmp_path: Path) -> None:
