@@ -364,6 +364,58 @@ def test_prometheus_scrapes_each_replica(stack: dict) -> None:
     assert counted == expected, f"replicas with scraped /v1/generate counts: {counted}"
 
 
+@pytest.mark.skipif(os.environ.get("QUICKSTEP_DOCKER_COMPARE") != "1", reason="benchmark: QUICKSTEP_DOCKER_COMPARE=1")
+def test_balancer_vs_bare_processes(stack: dict, tmp_path: Path) -> None:
+    """Benchmark (figures only): the compose stack (2 replicas + nginx) against two bare `quickstep-serve`
+    processes on the same cores with the same settings. The same load generator both ways (two `quickstep
+    bench` processes at concurrency 4, 4 images a request: both at the balancer, or one at each bare
+    process), in alternating rounds so that the other load on the machine drifts into both alike."""
+    rounds = int(os.environ.get("QUICKSTEP_DOCKER_COMPARE_ROUNDS", "3"))
+    duration = float(os.environ.get("QUICKSTEP_DOCKER_COMPARE_S", "10"))
+    ports = [free_port(), free_port()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKSTEP_")}
+    env.update(QUICKSTEP_BACKEND="onnxruntime", QUICKSTEP_DEVICE="cpu", QUICKSTEP_INTRA_OP_THREADS="1",
+               QUICKSTEP_UI="false", ORT_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
+    procs = [subprocess.Popen([str(VENV_BIN / "quickstep-serve"), "--host", "127.0.0.1", "--port", str(p)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+
+    def pair(urls: list[str], tag: str) -> float:
+        levels: list[dict] = [{}, {}]
+
+        def run(i: int) -> None:
+            levels[i] = bench(urls[i], 4, duration, tmp_path / f"{tag}-{i}.json", n=4)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(lv and lv["failed"] == 0 for lv in levels), levels
+        return sum(lv["throughput_rps"] for lv in levels)
+
+    try:
+        for p in ports:
+            deadline = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(f"http://127.0.0.1:{p}/health/ready", timeout=2).status == 200:
+                        break
+                assert time.monotonic() < deadline, "a bare server was not ready in 120 s"
+                time.sleep(0.2)
+        lb_url = f"http://127.0.0.1:{stack['http']}"
+        lb, bare = [], []
+        for r in range(rounds):
+            lb.append(pair([lb_url, lb_url], f"lb{r}"))
+            bare.append(pair([f"http://127.0.0.1:{p}" for p in ports], f"bare{r}"))
+    finally:
+        for pr in procs:
+            pr.terminate()
+            pr.wait(30)
+    ratios = [a / b for a, b in zip(lb, bare, strict=True)]
+    record(compare_lb_rps=[round(x, 1) for x in lb], compare_bare_rps=[round(x, 1) for x in bare],
+           compare_lb_over_bare=[round(x, 3) for x in ratios])
+
+
 def server_finished_at(container: str) -> float:
     """When uvicorn logged "Finished server process" (docker logs -t), as a unix time."""
     r = subprocess.run([DOCKER, "logs", "-t", container], capture_output=True, text=True, timeout=60)
@@ -394,41 +446,3 @@ def test_compose_stop_fast(stack: dict) -> None:
     assert max(linger.values()) <= 2.0, f"replicas lingered {linger} s after their server stopped"
 
 
-# ---- the balancer against two bare processes (figures only; QUICKSTEP_DOCKER_COMPARE=1) -------------------
-
-@pytest.mark.skipif(os.environ.get("QUICKSTEP_DOCKER_COMPARE") != "1", reason="benchmark: QUICKSTEP_DOCKER_COMPARE=1")
-def test_balancer_vs_bare_processes(tmp_path: Path) -> None:
-    """Throughput through compose (2 replicas + nginx) against two bare quickstep-serve processes on the same
-    cores, the same load generator split in two; run after the compose test (the stack is down by then)."""
-    duration = float(os.environ.get("QUICKSTEP_DOCKER_COMPARE_S", "20"))
-    ports = [free_port(), free_port()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUICKSTEP_")}
-    env.update(QUICKSTEP_BACKEND="onnxruntime", QUICKSTEP_DEVICE="cpu", QUICKSTEP_INTRA_OP_THREADS="1",
-               ORT_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
-    procs = [subprocess.Popen([str(VENV_BIN / "quickstep-serve"), "--host", "127.0.0.1", "--port", str(p), "--no-ui"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
-    try:
-        for p in ports:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError):
-                    if urllib.request.urlopen(f"http://127.0.0.1:{p}/health/ready", timeout=2).status == 200:
-                        break
-                time.sleep(0.2)
-        levels: list[dict] = [{}, {}]
-
-        def run(i: int) -> None:
-            levels[i] = bench(f"http://127.0.0.1:{ports[i]}", 4, duration, tmp_path / f"bare{i}.json", n=4)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for pr in procs:
-            pr.terminate()
-            pr.wait(30)
-    bare = sum(lv["throughput_rps"] for lv in levels)
-    record(bare_rps=round(bare, 1), bare_levels=[lv["throughput_rps"] for lv in levels])
-    assert all(lv["failed"] == 0 for lv in levels)
