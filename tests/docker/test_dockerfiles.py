@@ -127,6 +127,13 @@ def test_shellcheck_gpu_entrypoint() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_shellcheck_engine_test_script() -> None:
+    """docker/test-local.sh (the engine test; .ci/run runs it as root) is shellcheck-clean, info level included."""
+    r = subprocess.run([tool("shellcheck"), "--severity=style", str(DOCKER / "test-local.sh")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_image_contract(name: str) -> None:
     """Multi-stage, a tagged base image, a non-root numeric USER in the final stage, no secrets in ENV."""

@@ -261,9 +261,12 @@ def test_healthcheck_turns_healthy(served: tuple[str, int]) -> None:
 # ---- shutdown under load --------------------------------------------------------------------------------
 
 def test_sigterm_under_load_drains() -> None:
-    """SIGTERM (docker stop) while 8 clients keep POSTing: every request in flight completes with 200, no
-    connection is dropped (a request either completes or finds nothing listening any more), the container
-    exits 0 well within the grace period."""
+    """SIGTERM (docker stop) while 8 clients keep POSTing, one connection per request: every request in flight
+    at SIGTERM completes with 200, no request gets a 5xx or a truncated answer, and the container exits 0
+    well within the grace period. Requests *started after* SIGTERM may find nothing listening: refused, or
+    reset when the kernel drops the connections still waiting in the closed listening socket's backlog
+    (the application never saw them; a balancer retries them, nginx.conf `proxy_next_upstream error`).
+    Those are counted (sigterm_after_refused / sigterm_after_reset), and allowed only after SIGTERM."""
     with container(*HARDENED, "--stop-timeout", str(GRACE_S), name="qs-sigterm") as (cid, pid, _):
         assert wait_ready(pid, 60.0) is not None, logs(cid)
         body = json.dumps({"n": 8, "steps": 2, "seed": 1, "class_label": 3})
@@ -282,12 +285,15 @@ def test_sigterm_under_load_drains() -> None:
     in_flight = [r for r in results if r[0] < t_term < r[1]]
     before = [r for r in results if r[1] <= t_term]
     after = [r for r in results if r[0] >= t_term]
-    bad = [r for r in results if r[2] not in (200, "refused")]
-    record(sigterm_stop_s=round(stop_s, 2), sigterm_in_flight=len(in_flight), sigterm_completed=len(before))
-    assert not bad, f"failed or dropped requests: {bad[:5]}"
+    reset = "error: ConnectionResetError"
+    record(sigterm_stop_s=round(stop_s, 2), sigterm_in_flight=len(in_flight), sigterm_completed_before=len(before),
+           sigterm_after_ok=sum(r[2] == 200 for r in after), sigterm_after_refused=sum(r[2] == "refused" for r in after),
+           sigterm_after_reset=sum(str(r[2]).startswith(reset) for r in after))
+    assert all(r[2] == 200 for r in before), [r for r in before if r[2] != 200][:5]
     assert len(in_flight) >= 4, f"only {len(in_flight)} requests were in flight at SIGTERM (the test did not test)"
-    assert all(r[2] == 200 for r in in_flight), "a request in flight at SIGTERM did not complete"
-    assert all(r[2] in (200, "refused") for r in after)
+    assert all(r[2] == 200 for r in in_flight), f"dropped in flight: {[r for r in in_flight if r[2] != 200][:5]}"
+    bad_after = [r for r in after if r[2] != 200 and r[2] != "refused" and not str(r[2]).startswith(reset)]
+    assert not bad_after, f"5xx or broken answers after SIGTERM: {bad_after[:5]}"
     assert exit_code == "0", f"exit code {exit_code}:\n{output}"
     assert stop_s < GRACE_S, f"the container needed {stop_s:.1f} s (grace {GRACE_S} s): it was killed"
 
