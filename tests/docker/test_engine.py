@@ -438,17 +438,32 @@ def parse_time(stamp: str) -> float:
 
 def test_compose_stop_fast(stack: dict) -> None:
     """`docker compose stop`: every container exits 0, and a replica's process ends promptly once its server
-    has stopped (with onnxruntime's telemetry on, it lingered 3-8 s on a network with no way out). The wall
-    time of the command (the target is 2 s; it adds the daemon's own work) is recorded as compose_stop_s."""
+    has stopped (with onnxruntime's telemetry on, it lingered 3-8 s on a network with no way out): the host
+    watches each replica's PID 1 vanish from /proc. The command's wall time (the target is 2 s; it adds the
+    daemon's own work) is recorded as compose_stop_s."""
     names = compose("ps", "-q", env=stack["env"]).split()
+    gone: dict[int, float] = {}
+
+    def watch(pid: int) -> None:
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.005)
+        gone[pid] = time.time()
+
+    watchers = [threading.Thread(target=watch, args=(pid,), daemon=True) for pid in stack["pids"]]
+    for w in watchers:
+        w.start()
     t0 = time.monotonic()
     compose("stop", env=stack["env"])
     stop_s = time.monotonic() - t0
+    for w in watchers:
+        w.join(30)
     codes = {inspect(c, "{{.Name}}").lstrip("/"): inspect(c, "{{.State.ExitCode}}") for c in names}
-    linger = {inspect(c, "{{.Name}}").lstrip("/"): round(parse_time(inspect(c, "{{.State.FinishedAt}}"))
-                                                         - server_finished_at(c), 2) for c in stack["ids"]}
+    linger = {inspect(c, "{{.Name}}").lstrip("/"): round(gone[pid] - server_finished_at(c), 2)
+              for c, pid in zip(stack["ids"], stack["pids"], strict=True)}
     record(compose_stop_s=round(stop_s, 2), replica_exit_after_server_stop_s=linger)
     assert len(names) == 4 and set(codes.values()) == {"0"}, codes
-    assert max(linger.values()) <= 2.0, f"replicas lingered {linger} s after their server stopped"
+    # 2.5 s: the telemetry defect lingered 3-8 s; a healthy exit took 0.05-0.08 s on the host and 0.9-2.2 s
+    # in a container on this 2-core machine at load average 10-12 (CPU-starved interpreter teardown)
+    assert max(linger.values()) <= 2.5, f"replicas lingered {linger} s after their server stopped"
 
 
