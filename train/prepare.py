@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DataSpec, Dataset, detect_source, load_dataset
+from .data import Dataset, DataSpec, detect_source, load_dataset
 
 FORMAT = "quickstep-prepared"
 VERSION = 1

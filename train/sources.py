@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, DataSpec, Dataset
+from .data import IMAGE_EXTENSIONS, Dataset, DataSpec
 
 CROPS = ("none", "center")
 LABELS_FILE = "dataset.json"  # EDM: {"labels": [[name, label], ...] | null}; Quickstep adds "class_names": [...]
