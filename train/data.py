@@ -661,10 +661,10 @@ def detect_source(path: str | Path) -> str:
             return "prepared"
         if (p / "data_batch_1").is_file() or (p / "test_batch").is_file() or (p / "cifar-10-batches-py").is_dir():
             return "cifar10"
-        if (p / "dataset.json").is_file():
-            return "edm"
         if any(c.name.endswith(".tar") for c in p.iterdir()):
             return "tar"
+        if (p / "dataset.json").is_file():
+            return "edm"
         return "folder"
     if not p.exists():
         raise FileNotFoundError(f"--data {str(p)!r} does not exist")

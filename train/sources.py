@@ -122,7 +122,7 @@ def read_labels_json(text: str | bytes, where: str, names: list[str]) -> tuple[n
         class_names = tuple(raw_names)
     raw = meta.get("labels")
     if raw is None:
-        return None, None
+        return None, class_names
     if not isinstance(raw, list) or not all(isinstance(p, list) and len(p) == 2 for p in raw):
         raise ValueError(f"{where}: labels must be a list of [filename, label] pairs (EDM's dataset_tool format)")
     table: dict[str, int] = {}
