@@ -160,7 +160,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.resolution is not None and args.resolution < 1:
         raise UsageError(f"--resolution must be >= 1, got {args.resolution}")
     meta = convert(args.source, args.out, kind=args.kind, split=args.split, resolution=args.resolution,
-                   crop=args.crop, channels=args.channels, overwrite=args.overwrite, progress=not args.quiet)
+                   crop=args.crop, channels=args.channels, overwrite=args.overwrite, progress=not args.quiet,
+                   workers=args.workers)
     n, c, h, w = meta["shape"]
     names = meta["class_names"]
     print(f"wrote {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB uint8), {meta['num_classes']} classes"
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--crop", choices=("none", "center"), default="none", help="center-crop to a square first")
     dp.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: from the files)")
     dp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a prepared set")
+    dp.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core; 0 = this process)")
     dp.add_argument("--quiet", action="store_true", help="no progress bar")
     dp.add_argument("--verify", action="store_true", help="check OUT's images against the recorded sha256 and "
                     "its source's fingerprint")

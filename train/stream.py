@@ -122,6 +122,12 @@ def _collate_timed(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor, float]
     return x, y, decode + stack
 
 
+def worker_error(e: BaseException) -> str:
+    """The original message of an error re-raised from a DataLoader worker (which prepends a traceback)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 else str(e)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -187,9 +193,7 @@ class DataFeed:
         try:
             x8, y, busy = next(self._loader_iter())
         except (ValueError, OSError) as e:  # a worker's error: keep the message, drop the re-raised traceback
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            msg = lines[-1].split(": ", 1)[-1] if len(lines) > 1 else str(e)
-            raise ValueError(f"data loading failed: {msg}") from None
+            raise ValueError(f"data loading failed: {worker_error(e)}") from None
         self.sampler.position += self.batch_size
         self.wait_s += time.perf_counter() - t0
         self.busy_s += busy / max(self.workers, 1)

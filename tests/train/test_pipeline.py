@@ -20,7 +20,7 @@ from quickstep.train.data import Dataset, detect_source, load_dataset
 from quickstep.train.loop import Trainer, config_from_checkpoint
 from quickstep.train.prepare import StaleCacheError, convert, load_prepared, verify
 from quickstep.train.sources import FileSource
-from quickstep.train.stream import InfiniteSampler
+from quickstep.train.stream import DataFeed, InfiniteSampler
 
 
 @pytest.fixture(autouse=True)
@@ -153,8 +153,14 @@ def test_errors_name_the_problem(tmp_path):
         zf.writestr("b.png", b"this is not a png")
     with pytest.raises(ValueError, match=r"cannot read image 'missing.zip:b.png'"):
         load_dataset("edm", path=str(z))
-    with pytest.raises(ValueError, match=r"cannot read image 'missing.zip:b.png'"):
-        convert(z, tmp_path / "out", progress=False)
+    for workers in (0, 2):
+        with pytest.raises(ValueError, match=r"^cannot read image 'missing.zip:b.png'"):
+            convert(z, tmp_path / "out", progress=False, workers=workers)
+    feed = DataFeed(load_dataset("edm", path=str(z), stream=True), InfiniteSampler(2, 0), device=torch.device("cpu"),
+                    batch_size=2, workers=1)
+    with pytest.raises(ValueError, match=r"^data loading failed: cannot read image 'missing.zip:b.png'"):
+        feed.next()
+    feed.close()
     # mixed sizes without a resolution
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("a.png", _png_bytes(_images(1, (8, 8))[0]))
