@@ -89,6 +89,10 @@ def main() -> None:
                        text=True)
     fig["fit_1_step_process_s"] = round(time.perf_counter() - t0, 2)
     assert r.returncode == 0, r.stderr[-2000:]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch; torch.optim.Adam([torch.zeros(1, requires_grad=True)])"],
+                   env=env, check=True)
+    fig["python_import_torch_and_optim_s"] = round(time.perf_counter() - t0, 2)  # start-up that is not data
     from quickstep.train.config import load_preset
     from quickstep.train.data import load_dataset
     from quickstep.train.loop import Trainer
