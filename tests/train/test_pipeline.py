@@ -307,3 +307,15 @@ def test_xflip_mirrors_exactly_the_second_half_of_the_indices(tmp_path):
         assert torch.equal(row, want.flip(-1) if i >= 6 else want)
     assert gy.tolist() == [int(ds.y[i % 6]) for i in idx.tolist()]
     tr.close()
+
+
+def test_eval_reference_sets_are_never_augmented(tmp_path):
+    """eval loads the data a checkpoint was trained on with its resolution and crop but without x-flip."""
+    from quickstep.train.eval.report import _dataset
+
+    make_folder(tmp_path / "imgs", size=(8, 10))
+    cfg = image_config({"name": "folder", "path": str(tmp_path / "imgs"), "xflip": True, "crop": "center",
+                        "resolution": 8})
+    ref = _dataset({"train": cfg.to_dict()}, "train")
+    plain = load_dataset("folder", path=str(tmp_path / "imgs"), resolution=8, crop="center")
+    assert torch.equal(ref.data, plain.data) and ref.data.shape == (12, 3, 8, 8)
