@@ -19,14 +19,7 @@ from quickstep.train.data import gmm_preset
 from quickstep.train.loop import NonFiniteLossError, Trainer, config_from_checkpoint, ema_beta, learning_rate
 from quickstep.train.losses import register_objective
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUIET = {"every": 1, "ckpt_every": 1000, "tensorboard": False, "progress": False, "samples": False}

@@ -22,13 +22,7 @@ from quickstep.train.prepare import StaleCacheError, convert, load_prepared, ver
 from quickstep.train.sources import FileSource
 from quickstep.train.stream import DataFeed, InfiniteSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:

@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from quickstep.train.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -23,7 +22,7 @@ def snippet() -> list[list[str]]:
     return [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
 
 
-def test_readme_data_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+def test_readme_data_snippet_runs_as_written(tmp_path, monkeypatch, capsys, one_thread):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -43,16 +42,11 @@ def test_readme_data_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
             labels.append([name, i % 4])
         z.writestr("dataset.json", json.dumps({"labels": labels}))
     monkeypatch.chdir(tmp_path)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for argv in snippet():
-            assert argv[0] == "quickstep-train", argv
-            args = argv[1:] + (["--steps", "2", "--set", "batch_size=8", "--set", "log.sample_n=4"]
-                               if argv[1] == "fit" else [])
-            assert main(args) == 0, (argv, capsys.readouterr().err[-2000:])
-    finally:
-        torch.set_num_threads(n)
+    for argv in snippet():
+        assert argv[0] == "quickstep-train", argv
+        args = argv[1:] + (["--steps", "2", "--set", "batch_size=8", "--set", "log.sample_n=4"]
+                           if argv[1] == "fit" else [])
+        assert main(args) == 0, (argv, capsys.readouterr().err[-2000:])
     meta = json.loads((tmp_path / "data" / "my_images" / "meta.json").read_text())
     assert meta["shape"] == [12, 3, 32, 32] and meta["class_names"] == ["apple", "pear"]
     cfg = json.loads((tmp_path / "runs" / "my_images" / "step-0000002" / "config.json").read_text())
