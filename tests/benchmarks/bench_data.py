@@ -171,9 +171,9 @@ def main() -> None:
     torch.set_num_threads(1)
     step_s = min(times[1:])
     fig["dsm_cifar10_step_s_at_b16"] = round(step_s, 2)
-    fig["dsm_cifar10_img_per_s"] = round(b / step_s, 1)
-    fig["loader_prepared_over_dsm"] = round(fig["loader_prepared_img_per_s"] / fig["dsm_cifar10_img_per_s"])
-    fig["loader_png_over_dsm"] = round(fig["loader_png_2workers_img_per_s"] / fig["dsm_cifar10_img_per_s"])
+    fig["dsm_cifar10_img_per_s"] = round(b / step_s, 4)
+    fig["loader_prepared_over_dsm"] = round(fig["loader_prepared_img_per_s"] * step_s / b)
+    fig["loader_png_over_dsm"] = round(fig["loader_png_2workers_img_per_s"] * step_s / b)
 
     # 5. SIGKILL mid-epoch, then resume == uninterrupted (streamed PNGs through workers, x-flip on)
     if not args.skip_kill:
