@@ -202,12 +202,14 @@ def check_source(path: str | Path, meta: dict[str, Any]) -> None:
     now = fingerprint(src)
     if now != meta["source"].get("fingerprint"):
         s = meta["source"]
-        again = f"quickstep-train data {src} {path} --overwrite" + (
-            f" --resolution {s['resolution']}" if s.get("resolution") else "")
+        again = (f"quickstep-train data {src} {path} --overwrite"
+                 + (f" --resolution {s['resolution']}" if s.get("resolution") else "")
+                 + (f" --crop {s['crop']}" if s.get("crop", "none") != "none" else "")
+                 + (f" --split {s['split']}" if s.get("kind") in ("cifar10", "npz") else ""))
         raise StaleCacheError(f"prepared dataset {str(path)!r} is stale: its source {src!r} changed after the "
                               f"conversion (source fingerprint {now[:12]} != recorded "
-                              f"{str(s.get('fingerprint'))[:12]}); rebuild it: {again}  (or set "
-                              f"data.options.verify_source=false to train on the old copy)")
+                              f"{str(s.get('fingerprint'))[:12]}); rebuild it: {again}  (or train on the old copy "
+                              f"with --set data.options.verify_source=false)")
 
 
 def load_prepared(path: str | Path, *, resolution: int | None = None, crop: str = "none",
