@@ -249,7 +249,8 @@ def test_sigkill_during_checkpoint_save_then_resume(tmp_path):
 def test_sigkill_mid_epoch_of_a_streamed_run_resumes_the_same_batches(tmp_path):
     """[issue 23] A run streaming an EDM zip through DataLoader workers (x-flip on: 2 x 24 indices per epoch, 8 per
     step) is SIGKILLed during a save mid-epoch (batches prefetched beyond the checkpoint are lost with it); the
-    resumed run ends with weights bit-identical to an uninterrupted run's: it drew the same batches."""
+    resumed run ends with weights bit-identical to an uninterrupted run's: it drew the same batches. (The reference
+    run is a subprocess too: bit-exactness holds for the same intra-op thread count.)"""
     from tests.train.test_pipeline import make_edm_zip
 
     make_edm_zip(tmp_path / "set.zip", n=24, size=(8, 8))
