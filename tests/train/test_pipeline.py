@@ -118,6 +118,9 @@ def test_tar_shards_random_access(tmp_path):
     src = load_dataset("tar", path=str(tmp_path / "shards"), stream=True)
     assert torch.equal(src[7][0], ds.data[7])
     assert detect_source(tmp_path / "shards") == "tar"
+    meta = convert(tmp_path / "shards", tmp_path / "prep", progress=False)
+    assert meta["source"]["kind"] == "tar" and meta["class_names"] == ["even", "odd"]
+    assert torch.equal(load_prepared(tmp_path / "prep").data, ds.data)
 
 
 # ----------------------------------------------------------------------------------------------- errors
