@@ -83,6 +83,16 @@ def _objective_names(cfg: dict[str, Any]) -> list[str]:
     return [s.lower() for s in found]
 
 
+def class_names(cfg: dict[str, Any], num_classes: int) -> list[str] | None:
+    """The checkpoint's index-aligned class names (config.json `class_names`, written by the trainer from the data),
+    or None when absent or not one string per class."""
+    names = cfg.get("class_names")
+    if isinstance(names, list) and num_classes > 0 and len(names) == num_classes and all(
+            isinstance(n, str) for n in names):
+        return [str(n) for n in names]
+    return None
+
+
 def detect_kind(cfg: dict[str, Any], kind: str | None = None) -> str:
     """'consistency' or 'diffusion': the explicit `kind`, else config['kind'], else the training objective."""
     if kind is not None:
@@ -250,6 +260,7 @@ def build_manifest(model, cfg: dict[str, Any], *, kind: str, name: str, specs: S
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "name": name, "kind": kind,
         "image_shape": list(model.sample_shape), "num_classes": int(model.num_classes),
+        "class_names": class_names(cfg, model.num_classes), "class_aliases": dict(cfg.get("class_aliases") or {}),
         "steps_supported": keys, "default_steps": 1 if 1 in keys and kind == "consistency" else keys[0],
         "sigma_data": float(model.sigma_data), "times": times,
         "graphs": {s.key: {"onnx": s.filename, **s.io_dict()} for s in specs},

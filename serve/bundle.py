@@ -71,6 +71,14 @@ class Bundle:
         return q if isinstance(q, dict) else None
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The manifest's index-aligned class names (list[str] of num_classes entries), else None."""
+        names = self.manifest.get("class_names")
+        if isinstance(names, list) and len(names) == self.num_classes and all(isinstance(n, str) for n in names):
+            return list(names)
+        return None
+
+    @property
     def torch_files(self) -> dict[str, str] | None:
         t = self.manifest.get("torch")
         return t if isinstance(t, dict) else None

@@ -56,6 +56,7 @@ class ModelInfo(BaseModel):
     backend: str
     image_shape: list[int]
     num_classes: int
+    class_names: list[str] | None = None  # index-aligned, when the training data named its classes
     steps_supported: list[int]
     default_steps: int
     max_batch: int

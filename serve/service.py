@@ -227,7 +227,8 @@ class GenerationService:
     def info(self, rt: ModelRuntime) -> ModelInfo:
         b = rt.bundle
         return ModelInfo(name=b.name, kind=b.kind, backend=rt.backend.describe(), image_shape=list(b.image_shape),
-                         num_classes=b.num_classes, steps_supported=list(b.steps_supported),
+                         num_classes=b.num_classes, class_names=b.class_names,
+                         steps_supported=list(b.steps_supported),
                          default_steps=b.default_steps, max_batch=self.settings.max_batch, ready=rt.ready,
                          quality=b.quality)
 

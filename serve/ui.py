@@ -32,7 +32,11 @@ def _import_gradio() -> Any:
     return gr
 
 
-def _class_choices(num_classes: int) -> list[str]:
+def _class_choices(num_classes: int, names: list[str] | None = None) -> list[Any]:
+    """The class dropdown: 'random', then each class as its index, shown with its name when the bundle has names."""
+    if names:
+        return [RANDOM_CLASS] + [(str(i) if names[i] == str(i) else f"{i}: {names[i]}", str(i))
+                                 for i in range(num_classes)]
     return [RANDOM_CLASS] + [str(i) for i in range(num_classes)]
 
 
@@ -85,7 +89,9 @@ def build_ui(service: GenerationService) -> Any:
         h = res.images.shape[1]
         up = upscale_nearest(res.images, max(1, DISPLAY_PX // max(1, h)))
         imgs = [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in up]
-        caption = [f"class {c}" for c in res.class_labels] if res.class_labels else [None] * len(imgs)
+        cn = service.resolve(res.model).bundle.class_names
+        caption = ([f"class {c}" + (f" ({cn[c]})" if cn else "") for c in res.class_labels] if res.class_labels
+                   else [None] * len(imgs))
         gallery = [(im, c) if c else im for im, c in zip(imgs, caption, strict=True)]
         text = f"{res.latency_ms:.1f} ms for {len(imgs)} image(s), {res.steps} step(s), model {res.model}"
         return gallery, res.seed, text
@@ -97,7 +103,7 @@ def build_ui(service: GenerationService) -> Any:
     def on_model(model: str) -> tuple[Any, Any, str]:
         b = service.resolve(model).bundle
         return (gr.Dropdown(choices=[str(s) for s in b.steps_supported], value=str(b.default_steps)),
-                gr.Dropdown(choices=_class_choices(b.num_classes), value=RANDOM_CLASS,
+                gr.Dropdown(choices=_class_choices(b.num_classes, b.class_names), value=RANDOM_CLASS,
                             interactive=b.num_classes > 0), quality_text(model))
 
     with gr.Blocks(title="Quickstep") as demo:
@@ -112,7 +118,7 @@ def build_ui(service: GenerationService) -> Any:
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                     randomize = gr.Checkbox(value=True, label="Randomise seed")
-                class_label = gr.Dropdown(choices=_class_choices(first.num_classes), value=RANDOM_CLASS,
+                class_label = gr.Dropdown(choices=_class_choices(first.num_classes, first.class_names), value=RANDOM_CLASS,
                                           label="Class label", interactive=first.num_classes > 0)
                 n = gr.Slider(1, service.max_n(), value=min(4, service.max_n()), step=1, label="Number of images")
                 button = gr.Button("Generate", variant="primary")

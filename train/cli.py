@@ -7,6 +7,9 @@
                         [--class K] [--seed S] --out grid.png
                         (default: consistency sampler, 1 step, for consistency checkpoints; else heun, 18 steps)
     quickstep-train presets
+    quickstep-train data SOURCE OUT [--kind folder|edm|tar|cifar10|npz] [--resolution R] [--crop center]
+                        [--channels 1|3] [--split train] [--overwrite]   (decode once into the prepared format)
+    quickstep-train data --verify OUT
 
 Bad input (unknown preset, key or value, missing checkpoint) prints one clear line and exits with code 2.
 Other stages add sub-commands: a module `quickstep.train.eval.cli` exposing `register(subparsers)` is picked
@@ -64,8 +67,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .data import load_dataset
 
         d = cfg.data
-        ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
-                          **dict(d.options))
+        ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution, crop=d.crop,
+                          stream=True, **dict(d.options))
         mc = model_config(cfg, ds.spec)
         from .core.model import build_model
 
@@ -143,6 +146,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .prepare import convert, verify
+
+    if args.verify:
+        if args.out is not None:
+            raise UsageError("--verify takes one prepared directory: quickstep-train data --verify OUT")
+        verify(args.source)
+        print(f"{args.source}: images match their recorded sha256; the source is unchanged or gone")
+        return 0
+    if args.out is None:
+        raise UsageError("give SOURCE and OUT: quickstep-train data my_images/ data/my_images")
+    if args.resolution is not None and args.resolution < 1:
+        raise UsageError(f"--resolution must be >= 1, got {args.resolution}")
+    meta = convert(args.source, args.out, kind=args.kind, split=args.split, resolution=args.resolution,
+                   crop=args.crop, channels=args.channels, overwrite=args.overwrite, progress=not args.quiet,
+                   workers=args.workers)
+    n, c, h, w = meta["shape"]
+    names = meta["class_names"]
+    print(f"wrote {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB uint8), {meta['num_classes']} classes"
+          f"{' ' + str(names[:10]) if names else ''} to {args.out} in {meta['seconds']:.1f} s; mean "
+          f"{meta['mean']}, std {meta['std']} (in [-1, 1] units)\n"
+          f"train: quickstep-train fit --preset PRESET --data {args.out} --out runs/NAME")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .config import list_presets, preset_dict
 
@@ -167,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="train from a preset (or resume a run)")
     f.add_argument("--preset", help="preset name (see `quickstep-train presets`)")
-    f.add_argument("--data", help="an .npz file or image folder replacing the preset's data (same kind)")
+    f.add_argument("--data", help="data replacing the preset's: a `quickstep-train data` output, an image folder, an "
+                   "EDM zip/folder, .tar shards, a CIFAR-10 batch folder or an .npz (same kind as the preset's)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
@@ -189,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="PNG path")
     s.set_defaults(func=cmd_sample)
+
+    dp = sub.add_parser("data", help="decode an image folder / EDM zip / tar shards / CIFAR-10 / npz once into the "
+                        "fast prepared format (uint8 .npy + labels + meta.json)")
+    dp.add_argument("source", help="the data: a folder (class sub-folders), EDM zip or folder, .tar shards, the "
+                    "CIFAR-10 python batch folder or an .npz")
+    dp.add_argument("out", nargs="?", help="output directory (images.npy, labels.npy, meta.json)")
+    dp.add_argument("--kind", choices=("folder", "edm", "tar", "cifar10", "npz"), help="default: detected")
+    dp.add_argument("--split", choices=("train", "test", "all"), default="train", help="cifar10 / npz split")
+    dp.add_argument("--resolution", type=int, help="resize every image to R x R (required for mixed sizes)")
+    dp.add_argument("--crop", choices=("none", "center"), default="none", help="center-crop to a square first")
+    dp.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: from the files)")
+    dp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a prepared set")
+    dp.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core; 0 = this process)")
+    dp.add_argument("--quiet", action="store_true", help="no progress bar")
+    dp.add_argument("--verify", action="store_true", help="check OUT's images against the recorded sha256 and "
+                    "its source's fingerprint")
+    dp.set_defaults(func=cmd_data)
 
     pr = sub.add_parser("presets", help="list the shipped presets")
     pr.set_defaults(func=cmd_presets)

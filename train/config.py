@@ -32,6 +32,10 @@ class DataConfig:
     resolution: int | None = None
     split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)
+    crop: str = "none"  # "center": crop images to a centered square before resizing to `resolution`
+    xflip: bool = False  # EDM's x-flip: every image also mirrored (2N indices per epoch); only where label-safe
+    workers: int = 2  # DataLoader worker processes for streamed sources (edm, tar); 0 = decode in the trainer
+    prefetch: int = 2  # batches each worker prepares ahead
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adam", "radam"),
     "amp": ("auto", "bf16", "none"),
     "data.split": ("train", "test", "all"),
+    "data.crop": ("none", "center"),
 }
 DATA_DERIVED = {"mlp": ("dim", "num_classes"), "unet": ("img_channels", "img_resolution", "num_classes")}
 
@@ -233,9 +238,13 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
         if k not in allowed:
             raise _unknown_key(k, allowed, "model.backbone")
     for key, positive in (("steps", cfg.steps), ("batch_size", cfg.batch_size), ("log.every", cfg.log.every),
-                          ("log.ckpt_every", cfg.log.ckpt_every)):
+                          ("log.ckpt_every", cfg.log.ckpt_every), ("data.prefetch", cfg.data.prefetch)):
         if positive < 1:
             raise ConfigError(f"{key} must be >= 1, got {positive}")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0 (0 = decode in the training process), got {cfg.data.workers}")
+    if cfg.data.xflip and cfg.data.name == "gmm":
+        raise ConfigError("data.xflip mirrors images; the gmm mixtures are vectors (set data.xflip=false)")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device = {cfg.device!r} is not valid; valid values: auto, cpu, cuda, cuda:N")
     return dataclasses.replace(cfg, objectives=objectives)
@@ -321,11 +330,17 @@ def apply_overrides(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 
 def load_preset(name: str, sets: list[str] | None = None, *, data_path: str | None = None) -> TrainConfig:
-    """Preset + overrides (+ `--data PATH`: an .npz file or an image folder replaces the preset's data)."""
+    """Preset + overrides (+ `--data PATH` replaces the preset's data: an .npz, an EDM zip or folder, .tar shards, a
+    CIFAR-10 batch folder, an image folder or a set prepared by `quickstep-train data`, see data.detect_source).
+    The preset's resolution, crop, x-flip and loader settings stay; a prepared set keeps its own resolution."""
+    from .data import detect_source
+
     d = preset_dict(name)
     d.setdefault("name", name)
     if data_path is not None:
         old = d.get("data", {})
-        d["data"] = {"name": "npz" if str(data_path).endswith(".npz") else "folder", "path": str(data_path),
-                     "resolution": old.get("resolution")}
+        kind = detect_source(data_path)
+        d["data"] = {"name": kind, "path": str(data_path),
+                     "resolution": None if kind == "prepared" else old.get("resolution"),
+                     **{k: old[k] for k in ("crop", "xflip", "workers", "prefetch") if k in old}}
     return build_config(apply_overrides(d, sets or []))

@@ -1,7 +1,12 @@
-"""Datasets: gmm (analytic Gaussian mixtures), digits (scikit-learn), npz, folder (Pillow), cifar10 (local batches).
+"""Datasets: gmm (analytic Gaussian mixtures), digits (scikit-learn), npz, folder (Pillow), cifar10 (local batches),
+edm (EDM's zip / folder of PNGs with dataset.json), tar (WebDataset-style shards) and prepared (the fast format that
+`quickstep-train data` writes: a memory-mappable uint8 array; see `quickstep.train.prepare`).
 
-Every loader returns a `Dataset`: `x` float32 [N, ...] (images [N, C, H, W] in [-1, 1], vectors [N, D]),
-optional int64 labels `y` [N], and a `DataSpec` describing one sample.  No data is ever downloaded.
+Every loader returns a `Dataset`: `data` [N, ...] as stored (uint8 images [N, C, H, W] in 0..255, or float32 vectors
+[N, D] / float images in [-1, 1]), optional int64 labels `y` [N], and a `DataSpec` describing one sample (with the
+class names when the data names its classes).  `Dataset.x` / `Dataset.take(idx)` give float32 in [-1, 1]: images are
+kept as uint8 (a quarter of the bytes) and converted per batch.  With `stream=True`, 'edm' and 'tar' return a
+`quickstep.train.stream.FileSource` instead (decoded per item by DataLoader workers).  No data is ever downloaded.
 
 `GaussianMixture` is the analytic ground truth of the toy experiments: sampling, log-density, and for the
 noised marginal p_sigma = sum_k w_k N(mu_k, Sigma_k + sigma^2 I) the exact score, the exact denoiser
@@ -23,7 +28,8 @@ import torch.nn.functional as F
 
 from .core.trigflow import SIGMA_DATA, t_to_sigma, x_t_to_x_sigma
 
-DATASETS = ("gmm", "digits", "npz", "folder", "cifar10")
+DATASETS = ("gmm", "digits", "npz", "folder", "cifar10", "edm", "tar", "prepared")
+STREAMED = ("edm", "tar")  # decoded per item by DataLoader workers when the trainer asks for stream=True
 SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -37,40 +43,67 @@ class DataSpec:
     shape: tuple[int, ...]
     num_classes: int  # 0 = unconditional
     name: str
+    class_names: tuple[str, ...] | None = None  # index-aligned names of the classes, when the data names them
+
+    def __post_init__(self) -> None:
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"data set {self.name!r}: {len(self.class_names)} class names for {self.num_classes} "
+                             f"classes")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes, "name": self.name}
+        return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes, "name": self.name,
+                "class_names": None if self.class_names is None else list(self.class_names)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> DataSpec:
+        names = d.get("class_names")
         return DataSpec(kind=d["kind"], shape=tuple(int(s) for s in d["shape"]), num_classes=int(d["num_classes"]),
-                        name=str(d["name"]))
+                        name=str(d["name"]), class_names=None if names is None else tuple(str(n) for n in names))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Stored samples -> float32 model space: uint8 images 0..255 -> [-1, 1] (x / 127.5 - 1); floats unchanged."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(127.5).sub_(1.0)
+    return x
 
 
 @dataclass
 class Dataset:
-    """An in-memory data set: x [N, ...] float32 (images in [-1, 1]), y [N] int64 or None, its spec.
+    """An in-memory data set: `data` [N, ...] as stored (uint8 images 0..255, or float32 with images in [-1, 1]),
+    y [N] int64 or None, its spec.  `x` is the whole set as float32 in [-1, 1]; `take(idx)` converts only rows.
 
     `mixture` is the analytic GaussianMixture for `gmm` data (None otherwise)."""
 
-    x: torch.Tensor
+    data: torch.Tensor
     y: torch.Tensor | None
     spec: DataSpec
     mixture: GaussianMixture | None = None
 
     def __post_init__(self) -> None:
-        if self.y is not None and self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"labels y must have shape [{self.x.shape[0]}], got {list(self.y.shape)}")
-        if tuple(self.x.shape[1:]) != tuple(self.spec.shape):
-            raise ValueError(f"x has sample shape {tuple(self.x.shape[1:])}, spec says {self.spec.shape}")
+        if self.data.dtype not in (torch.uint8, torch.float32):
+            raise ValueError(f"data must be uint8 images or float32, got {self.data.dtype}")
+        if self.y is not None and self.y.shape != (self.data.shape[0],):
+            raise ValueError(f"labels y must have shape [{self.data.shape[0]}], got {list(self.y.shape)}")
+        if tuple(self.data.shape[1:]) != tuple(self.spec.shape):
+            raise ValueError(f"x has sample shape {tuple(self.data.shape[1:])}, spec says {self.spec.shape}")
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Every sample as float32 (images in [-1, 1]); a new tensor for uint8 data."""
+        return to_unit(self.data)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` as float32 (images in [-1, 1])."""
+        return to_unit(self.data[idx])
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.data.shape[0])
 
     def to(self, device: torch.device | str) -> Dataset:
-        """A copy with x and y on `device`."""
+        """A copy with data and y on `device`."""
         y = self.y.to(device) if self.y is not None else None
-        return Dataset(self.x.to(device), y, self.spec, self.mixture)
+        return Dataset(self.data.to(device), y, self.spec, self.mixture)
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, *, infinite: bool = True
@@ -85,19 +118,19 @@ class Dataset:
         n = len(self)
         if n == 0:
             raise ValueError(f"data set {self.spec.name!r} is empty")
-        dev = self.x.device
+        dev = self.data.device
         if not infinite:
             perm = torch.randperm(n, generator=generator).to(dev)
             for i in range(0, n, batch_size):
                 idx = perm[i : i + batch_size]
-                yield self.x[idx], (self.y[idx] if self.y is not None else None)
+                yield self.take(idx), (self.y[idx] if self.y is not None else None)
             return
         buf = torch.empty(0, dtype=torch.long)
         while True:
             while buf.numel() < batch_size:
                 buf = torch.cat([buf, torch.randperm(n, generator=generator)])
             idx, buf = buf[:batch_size].to(dev), buf[batch_size:]
-            yield self.x[idx], (self.y[idx] if self.y is not None else None)
+            yield self.take(idx), (self.y[idx] if self.y is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------- gaussian mixture
@@ -309,20 +342,27 @@ def _require_path(name: str, path: str | None, what: str) -> Path:
     return p
 
 
-def _resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
-    """Bilinear resize of images [N, C, H, W] to resolution x resolution (antialiased when shrinking)."""
+def _resize(x: torch.Tensor, resolution: int | None, crop: str = "none") -> torch.Tensor:
+    """Images [N, C, H, W] center-cropped to a square (crop='center') and resized to resolution x resolution
+    (bilinear, antialiased when shrinking).  uint8 stays uint8 (resized in float, rounded back)."""
+    if crop == "center" and x.shape[-1] != x.shape[-2]:
+        h, w = x.shape[-2:]
+        s = min(h, w)
+        x = x[..., (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
     if resolution is None or tuple(x.shape[-2:]) == (resolution, resolution):
         return x
     if resolution < 1:
         raise ValueError(f"resolution must be a positive integer, got {resolution}")
     shrink = resolution < min(x.shape[-2:])
-    return F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=shrink)
+    out = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else out
 
 
-def _images_to_float(arr: np.ndarray, source: str) -> torch.Tensor:
-    """uint8 0..255 -> [-1, 1]; floats must already lie in [-1, 1]."""
+def _images_stored(arr: np.ndarray, source: str) -> torch.Tensor:
+    """Images as stored in memory: uint8 0..255 stays uint8; floats must already lie in [-1, 1] (float32)."""
     if arr.dtype == np.uint8:
-        return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
+        return torch.from_numpy(np.ascontiguousarray(arr))
     if np.issubdtype(arr.dtype, np.floating):
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         if x.numel() and (float(x.min()) < -1.0 - 1e-3 or float(x.max()) > 1.0 + 1e-3):
@@ -351,7 +391,7 @@ def _limit(ds: Dataset, limit: int | None) -> Dataset:
         return ds
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    return Dataset(ds.x[:limit], ds.y[:limit] if ds.y is not None else None, ds.spec, ds.mixture)
+    return Dataset(ds.data[:limit], ds.y[:limit] if ds.y is not None else None, ds.spec, ds.mixture)
 
 
 # ----------------------------------------------------------------------------------------------- loaders
@@ -366,6 +406,7 @@ def _load_gmm(seed: int, split: str, preset: str = "ring8", n: int = 10_000, con
 
 
 DIGITS_TEST_SIZE = 300
+DIGIT_NAMES = tuple(str(i) for i in range(10))
 DIGITS_SPLIT_SEED = 20250101  # fixed: the test split never depends on the run's seed
 
 
@@ -380,7 +421,7 @@ def _load_digits(split: str, resolution: int | None) -> Dataset:
     perm = torch.from_numpy(np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels)))
     idx = {"test": perm[:DIGITS_TEST_SIZE], "train": perm[DIGITS_TEST_SIZE:], "all": torch.arange(len(labels))}[split]
     x = _resize(imgs[idx], 16 if resolution is None else resolution).clamp(-1.0, 1.0).contiguous()
-    return Dataset(x, labels[idx], DataSpec("image", tuple(x.shape[1:]), 10, "digits"))
+    return Dataset(x, labels[idx], DataSpec("image", tuple(x.shape[1:]), 10, "digits", DIGIT_NAMES))
 
 
 def _layout(shape: tuple[int, ...], layout: str | None, source: str) -> str:
@@ -418,7 +459,7 @@ def _read_npz(arrays: Any, split: str, path: Path) -> tuple[np.ndarray, np.ndarr
 
 
 def _load_npz(path: Path, split: str, resolution: int | None, layout: str | None = None,
-              num_classes: int | None = None) -> Dataset:
+              num_classes: int | None = None, crop: str = "none") -> Dataset:
     if path.is_dir():
         raise ValueError(f"npz dataset: {str(path)!r} is a directory; expected an .npz file with an array 'x'")
     try:
@@ -443,7 +484,7 @@ def _load_npz(path: Path, split: str, resolution: int | None, layout: str | None
             x = x[:, None]  # [N, H, W] -> [N, 1, H, W]
         elif _layout(x.shape, layout, source) == "nhwc":
             x = np.transpose(x, (0, 3, 1, 2))
-        xt = _resize(_images_to_float(np.ascontiguousarray(x), source), resolution).contiguous()
+        xt = _resize(_images_stored(x, source), resolution, crop).contiguous()
         kind = "image"
     else:
         raise ValueError(f"{source}: x must be [N, D] (vectors) or [N, C, H, W] / [N, H, W, C] / [N, H, W] "
@@ -457,48 +498,10 @@ def _load_npz(path: Path, split: str, resolution: int | None, layout: str | None
     return Dataset(xt, yt, DataSpec(kind, tuple(xt.shape[1:]), nc, path.stem))
 
 
-def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _load_folder(path: Path, resolution: int | None, channels: int | None = None, crop: str = "none") -> Dataset:
+    from .sources import FileSource
 
-
-def _load_folder(path: Path, resolution: int | None, channels: int | None = None) -> Dataset:
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("the 'folder' dataset needs Pillow: pip install 'quickstep[train]'") from e
-    if not path.is_dir():
-        raise ValueError(f"folder dataset: {str(path)!r} is not a directory of images")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and _image_files(p))
-    top = _image_files(path)
-    if classes and top:
-        raise ValueError(f"folder dataset {str(path)!r}: holds both images and class sub-folders {classes}; "
-                         f"put every image into a class sub-folder or none")
-    files = [(f, i) for i, c in enumerate(classes) for f in _image_files(path / c)] if classes else [(f, 0) for f in top]
-    if not files:
-        raise ValueError(f"folder dataset {str(path)!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it "
-                         f"or its sub-folders")
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    imgs = []
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                if channels is None:
-                    channels = 1 if im.mode in ("1", "L", "I", "I;16", "F") else 3
-                im = im.convert("L" if channels == 1 else "RGB")
-                if resolution is not None and im.size != (resolution, resolution):
-                    im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except OSError as e:
-            raise ValueError(f"folder dataset: cannot read image {str(f)!r} ({e})") from e
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # [C, H, W]
-        if imgs and arr.shape != imgs[0].shape:
-            raise ValueError(f"folder dataset: {str(f)!r} is {arr.shape[2]}x{arr.shape[1]}, the first image is "
-                             f"{imgs[0].shape[2]}x{imgs[0].shape[1]}; pass resolution= to resize them all")
-        imgs.append(arr)
-    x = _images_to_float(np.stack(imgs), str(path))
-    y = torch.tensor([c for _, c in files], dtype=torch.int64) if classes else None
-    return Dataset(x, y, DataSpec("image", tuple(x.shape[1:]), len(classes), path.name))
+    return FileSource("folder", path, resolution=resolution, crop=crop, channels=channels).materialize()
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -550,10 +553,11 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_TEST = ("test_batch",)
 
 
-def _load_cifar10(path: Path, split: str, resolution: int | None) -> Dataset:
+def _load_cifar10(path: Path, split: str, resolution: int | None, crop: str = "none") -> Dataset:
     if not path.is_dir():
         raise ValueError(f"cifar10 dataset: {str(path)!r} is not a directory; expected the python batch "
                          f"directory (cifar-10-batches-py) with {', '.join(CIFAR_TRAIN + CIFAR_TEST)}")
@@ -564,11 +568,11 @@ def _load_cifar10(path: Path, split: str, resolution: int | None) -> Dataset:
     if missing:
         raise FileNotFoundError(f"cifar10 dataset: {str(path)!r} lacks {missing}; split={split!r} needs {list(names)}")
     parts = [read_cifar_batch(path / n) for n in names]
-    x = _resize(_images_to_float(np.concatenate([p[0] for p in parts]), str(path)), resolution).contiguous()
+    x = _resize(torch.from_numpy(np.concatenate([p[0] for p in parts])), resolution, crop).contiguous()
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     if int(y.min()) < 0 or int(y.max()) > 9:
         raise ValueError(f"cifar10 dataset {str(path)!r}: labels must be 0..9, found {int(y.min())}..{int(y.max())}")
-    return Dataset(x, y, DataSpec("image", tuple(x.shape[1:]), 10, "cifar10"))
+    return Dataset(x, y, DataSpec("image", tuple(x.shape[1:]), 10, "cifar10", CIFAR_NAMES))
 
 
 def load_dataset(
@@ -578,21 +582,30 @@ def load_dataset(
     split: str = "train",
     seed: int = 0,
     resolution: int | None = None,
+    crop: str = "none",
+    stream: bool = False,
     **options: Any,
-) -> Dataset:
-    """Load a data set by name: 'gmm', 'digits', 'npz', 'folder' or 'cifar10'.
+) -> Any:
+    """Load a data set by name: 'gmm', 'digits', 'npz', 'folder', 'cifar10', 'edm', 'tar' or 'prepared'.
 
     Options: gmm: preset (GMM_PRESETS), n (samples, default 10000), conditional (labels = component);
     npz: layout ('nchw' | 'nhwc', for ambiguous 4-D arrays), num_classes; folder: channels (1 | 3);
+    edm / tar: channels, num_classes; prepared: verify_source (default true: refuse a cache whose source changed);
     every data set: limit (keep the first `limit` samples).
     Splits: gmm draws 'train' and 'test' from different seeds; digits has a fixed 1497/300 train/test split;
-    npz 'test' reads arrays x_test/y_test; folder has one split; cifar10 reads data_batch_1..5 / test_batch.
-    `resolution` resizes images (digits default 16)."""
+    npz 'test' reads arrays x_test/y_test; cifar10 reads data_batch_1..5 / test_batch; folder, edm, tar and
+    prepared have one split.  `resolution` resizes images (digits default 16), `crop='center'` first crops them to
+    a centered square.  `stream=True` returns a `sources.FileSource` (decoded per item) for 'edm' and 'tar', an
+    in-memory `Dataset` otherwise."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if crop not in ("none", "center"):
+        raise ValueError(f"crop must be 'none' or 'center', got {crop!r}")
     limit = options.pop("limit", None)
+    if name in ("folder", "edm", "tar", "prepared") and split == "test":
+        raise ValueError(f"{name} dataset has a single split; use split='train' or 'all'")
     if name == "gmm":
         _check_options(name, options, ("preset", "n", "conditional"))
         if resolution is not None:
@@ -603,17 +616,60 @@ def load_dataset(
         ds = _load_digits(split, resolution)
     elif name == "npz":
         _check_options(name, options, ("layout", "num_classes"))
-        ds = _load_npz(_require_path(name, path, "an .npz file with an array 'x'"), split, resolution, **options)
+        ds = _load_npz(_require_path(name, path, "an .npz file with an array 'x'"), split, resolution, crop=crop,
+                       **options)
     elif name == "folder":
         _check_options(name, options, ("channels",))
-        if split == "test":
-            raise ValueError("folder dataset has a single split; use split='train' or 'all'")
         ds = _load_folder(_require_path(name, path, "a directory of images or of class sub-folders"), resolution,
-                          **options)
+                          crop=crop, **options)
+    elif name in STREAMED:
+        from .sources import FileSource
+
+        _check_options(name, options, ("channels", "num_classes"))
+        what = "an EDM zip or folder of images" if name == "edm" else "a .tar shard or a directory of .tar shards"
+        src = FileSource(name, _require_path(name, path, what), resolution=resolution, crop=crop, **options)
+        if limit is not None:
+            src = src.head(limit)
+            limit = None
+        ds = src if stream else src.materialize()
+    elif name == "prepared":
+        from .prepare import load_prepared
+
+        _check_options(name, options, ("verify_source",))
+        ds = load_prepared(_require_path(name, path, "a directory written by `quickstep-train data`"),
+                           resolution=resolution, crop=crop, **options)
     else:
         _check_options(name, options, ())
-        ds = _load_cifar10(_require_path(name, path, "the CIFAR-10 python batch directory"), split, resolution)
+        ds = _load_cifar10(_require_path(name, path, "the CIFAR-10 python batch directory"), split, resolution, crop)
     return _limit(ds, limit)
+
+
+def detect_source(path: str | Path) -> str:
+    """The data set name for `--data PATH`: .npz -> npz; .zip -> edm; .tar or a folder of .tar shards -> tar; a
+    folder written by `quickstep-train data` -> prepared; a CIFAR-10 batch folder -> cifar10; a folder with EDM's
+    dataset.json -> edm; any other folder -> folder (images, or class sub-folders)."""
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix == ".zip":
+        return "edm"
+    if suffix == ".tar":
+        return "tar"
+    if p.is_dir():
+        if (p / "meta.json").is_file() and (p / "images.npy").is_file():
+            return "prepared"
+        if (p / "data_batch_1").is_file() or (p / "test_batch").is_file() or (p / "cifar-10-batches-py").is_dir():
+            return "cifar10"
+        if any(c.name.endswith(".tar") for c in p.iterdir()):
+            return "tar"
+        if (p / "dataset.json").is_file():
+            return "edm"
+        return "folder"
+    if not p.exists():
+        raise FileNotFoundError(f"--data {str(p)!r} does not exist")
+    raise ValueError(f"--data {str(p)!r}: cannot tell the format; expected an .npz file, an EDM .zip, .tar shards or "
+                     f"a directory (images, class sub-folders, EDM, CIFAR-10 batches or `quickstep-train data` output)")
 
 
 __all__ = [
@@ -621,6 +677,8 @@ __all__ = [
     "GMM_PRESETS",
     "DataSpec",
     "Dataset",
+    "detect_source",
+    "to_unit",
     "GaussianMixture",
     "gmm_preset",
     "load_dataset",

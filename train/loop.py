@@ -35,6 +35,7 @@ from .core.model import TrigFlowModel, build_model
 from .core.networks import ModelConfig
 from .core.sampling import heun_teacher_sample
 from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objective_spec
+from .stream import DataFeed, InfiniteSampler
 
 CKPT_PREFIX = ckpt.CKPT_PREFIX
 find_checkpoint = ckpt.find_checkpoint  # a run directory -> its latest checkpoint
@@ -128,37 +129,6 @@ def _git_revision() -> str | None:
         return None
 
 
-class PermutationSampler:
-    """Endless shuffled indices: successive permutations of 0..N-1 (epoch e seeded by (seed, e)); its state is
-    two integers, so resuming is exact."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-        self._perm = self._make(0)
-
-    def _make(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def next(self, k: int) -> torch.Tensor:
-        out = []
-        while k > 0:
-            take = min(k, self.n - self.pos)
-            out.append(self._perm[self.pos : self.pos + take])
-            self.pos += take
-            k -= take
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._perm = self._make(self.epoch)
-        return torch.cat(out)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
-        self._perm = self._make(self.epoch)
-
-
 # ----------------------------------------------------------------------------------------------- images
 def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> Any:
     """[N, C, H, W] in [-1, 1] -> a PIL image grid (1-pixel gaps)."""
@@ -227,11 +197,12 @@ class Trainer:
 
             d = cfg.data
             dataset = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
-                                   **dict(d.options))
-        self.dataset = dataset
+                                   crop=d.crop, stream=True, **dict(d.options))
+        self.dataset = dataset  # data.Dataset (in memory) or sources.FileSource (streamed through a DataLoader)
         self.spec = dataset.spec
-        self.data_x = dataset.x.to(self.device)
-        self.data_y = dataset.y.to(self.device) if dataset.y is not None else None
+        if cfg.data.xflip and self.spec.kind != "image":
+            raise ValueError(f"data.xflip mirrors images; {self.spec.name!r} is {self.spec.kind} data "
+                             f"(set data.xflip=false)")
 
         # [issue 4] students (sCD, Direct CM, CD) start as the teacher's EMA with a fresh logvar head
         self.teacher: TrigFlowModel | None = None
@@ -265,7 +236,8 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
         self.model.to(self.device).train()
-        self.conditional = self.model.num_classes > 0 and self.data_y is not None
+        has_labels = (dataset.y if hasattr(dataset, "y") else dataset.labels) is not None
+        self.conditional = self.model.num_classes > 0 and has_labels
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
@@ -280,7 +252,7 @@ class Trainer:
             raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR{why}")
 
         # shared generators (identical on every rank) and the per-rank global RNG (dropout only)
-        self.sampler = PermutationSampler(len(dataset), cfg.seed)
+        self.sampler = InfiniteSampler(len(dataset), cfg.seed, xflip=cfg.data.xflip)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
@@ -292,6 +264,10 @@ class Trainer:
             for t in list(self.model.state_dict().values()):
                 dist.broadcast(t, 0)
             self.ema.load_state_dict(self.model.state_dict())
+        # after _load: a streamed feed starts its DataLoader at the restored sampler position
+        self.feed = DataFeed(dataset, self.sampler, device=self.device, batch_size=cfg.batch_size, rank=self.rank,
+                             world_size=self.world_size, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                             conditional=self.conditional)
 
     # -- distributed ---------------------------------------------------------------------------
     def _init_distributed(self) -> None:
@@ -319,9 +295,10 @@ class Trainer:
     def _references(self, global_batch: Batch):
         def provide(n: int) -> Batch:
             extra = max(n - global_batch.size, 0)
-            idx = torch.randint(len(self.dataset), (extra,), generator=self.data_gen).to(self.device)
-            x = torch.cat([global_batch.x, self.data_x[idx]])
-            y = None if global_batch.y is None else torch.cat([global_batch.y, self.data_y[idx]])
+            idx = torch.randint(len(self.dataset), (extra,), generator=self.data_gen)
+            rx, ry = self.feed.take(idx)
+            x = torch.cat([global_batch.x, rx])
+            y = None if global_batch.y is None or ry is None else torch.cat([global_batch.y, ry])
             return Batch(x, y)
 
         return provide
@@ -329,12 +306,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the (rank-averaged) loss terms and diagnostics as floats."""
         cfg, step = self.cfg, self.step
-        idx = self.sampler.next(cfg.batch_size).to(self.device)
-        gx = self.data_x[idx]
-        gy = self.data_y[idx] if self.conditional else None
+        gx, gy, lx, ly = self.feed.next()
         global_batch = Batch(gx, gy)
-        lo, hi = self.rank * self.local_batch, (self.rank + 1) * self.local_batch
-        batch = Batch(gx[lo:hi], None if gy is None else gy[lo:hi])
+        batch = Batch(lx, ly)
         ctx = StepContext(step=step, total_steps=cfg.steps, generator=self.noise_gen, device=self.device,
                           rank=self.rank, world_size=self.world_size, teacher=self.teacher,
                           references=self._references(global_batch), global_batch=global_batch)
@@ -421,7 +395,9 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng,
                      "sampler": self.sampler.state_dict(), "world_size": self.world_size,
                      "skipped_steps": getattr(self, "skipped_steps", 0)}
+            names = self.spec.class_names if self.model.num_classes > 0 else None
             extra = {"train": self.cfg.to_dict(), "data": self.spec.to_dict(), "step": self.step,
+                     "class_names": None if names is None else list(names),
                      "kimg": self.step * self.cfg.batch_size / 1000, "git_revision": _git_revision(),
                      "metrics": metrics or {}, "objectives": sorted(self.objectives)}
             if self.teacher_info is not None:
@@ -512,10 +488,16 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or self.step == end:
                     now = time.perf_counter()
                     img_s = (self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                    # the data pipeline's rate next to the training rate (both global images/s): the loader is the
+                    # bottleneck when data_img_per_s approaches img_per_s (and data_wait_frac grows)
+                    ds = self.feed.stats()
+                    data_s = ds["data_img_per_s"] * self.world_size
+                    wait = ds["data_wait_s"] / max(now - t_last, 1e-9)
+                    self.feed.reset_stats()
                     t_last, step_last = now, self.step
                     rec = {k: v / n_acc for k, v in acc.items()}
                     rec.update(step=self.step, kimg=self.step * cfg.batch_size / 1000, img_per_s=img_s,
-                               time=time.time())
+                               data_img_per_s=data_s, data_wait_frac=wait, time=time.time())
                     acc, n_acc = {}, 0
                     if log_f is not None:
                         log_f.write(json.dumps(rec) + "\n")
@@ -525,7 +507,7 @@ class Trainer:
                             if k not in ("step", "time"):
                                 writer.add_scalar(f"train/{k}", v, self.step)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{img_s:.0f}")
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{img_s:.0f}", data_img_s=f"{data_s:.0f}")
                 if bar is not None:
                     bar.update(1)
                 if cfg.log.samples and cfg.log.sample_every > 0 and self.step % cfg.log.sample_every == 0:
@@ -545,6 +527,7 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        self.feed.close()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -213,7 +213,7 @@ def test_413_json(server):
 def test_models_health_docs(server):
     models = httpx.get(server.url + "/v1/models").json()["models"]
     assert [m["name"] for m in models] == ["tiny-consistency-cond", "tiny-consistency"]
-    assert models[1]["num_classes"] == 0
+    assert models[1]["num_classes"] == 0 and models[1]["class_names"] is None
     m = models[0]
     assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["steps_supported"] == [1, 2]
     assert m["ready"] and m["backend"].startswith("onnxruntime")

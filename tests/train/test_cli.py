@@ -15,12 +15,7 @@ FAST = ["--set", "log.tensorboard=false", "--set", "log.progress=false", "--set"
         "--set", "log.sample_n=16", "--set", "log.sample_steps=3", "--set", "data.options={preset = \"ring8\", n = 300}"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_presets_exist_and_load():

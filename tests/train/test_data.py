@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from quickstep.train.data import (
+    CIFAR_NAMES,
     DATASETS,
     GMM_PRESETS,
     Dataset,
@@ -143,7 +144,7 @@ def test_batches_cover_every_sample_each_epoch():
 def test_digits():
     tr, te, al = (load_dataset("digits", split=s) for s in ("train", "test", "all"))
     assert (len(tr), len(te), len(al)) == (1497, 300, 1797)
-    assert tr.spec == DataSpec("image", (1, 16, 16), 10, "digits")
+    assert tr.spec == DataSpec("image", (1, 16, 16), 10, "digits", tuple("0123456789"))
     assert tr.x.dtype == torch.float32 and float(tr.x.min()) == -1.0 and float(tr.x.max()) == 1.0
     assert tr.y.dtype == torch.int64 and set(tr.y.tolist()) == set(range(10)) and set(te.y.tolist()) == set(range(10))
     assert sorted(torch.cat([tr.y, te.y]).tolist()) == sorted(al.y.tolist())
@@ -214,7 +215,7 @@ def test_folder_with_and_without_classes(tmp_path):
         for j in range(2):
             _png(tmp_path / "cls" / cls / f"{j}.png", 40 * i)
     ds = load_dataset("folder", path=str(tmp_path / "cls"))
-    assert ds.spec == DataSpec("image", (1, 6, 6), 3, "cls") and ds.y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert ds.spec == DataSpec("image", (1, 6, 6), 3, "cls", ("cat", "dog", "emu")) and ds.y.tolist() == [0, 0, 1, 1, 2, 2]
     torch.testing.assert_close(ds.x[2, 0, 0, 0], torch.tensor(40 / 127.5 - 1))
     _png(tmp_path / "flat" / "a.png", 255, mode="RGB")
     _png(tmp_path / "flat" / "b.jpg", 0, mode="RGB")
@@ -233,7 +234,7 @@ def test_folder_errors(tmp_path):
         load_dataset("folder", path=str(tmp_path / "nowhere"))
     _png(tmp_path / "sizes" / "a.png", 1, size=(6, 6))
     _png(tmp_path / "sizes" / "b.png", 1, size=(8, 6))
-    with pytest.raises(ValueError, match="resolution="):
+    with pytest.raises(ValueError, match=r"b.png' is 8x6, the first image .*a.png.* is 6x6; set data.resolution"):
         load_dataset("folder", path=str(tmp_path / "sizes"))
     assert load_dataset("folder", path=str(tmp_path / "sizes"), resolution=5).x.shape == (2, 1, 5, 5)
     (tmp_path / "bad").mkdir()
@@ -266,7 +267,7 @@ def test_cifar10_reads_local_batches(cifar_dir):
     d, batches = cifar_dir
     assert b"numpy.core.multiarray" in (d / "test_batch").read_bytes()
     tr = load_dataset("cifar10", path=str(d))
-    assert len(tr) == 20 and tr.spec == DataSpec("image", (3, 32, 32), 10, "cifar10")
+    assert len(tr) == 20 and tr.spec == DataSpec("image", (3, 32, 32), 10, "cifar10", CIFAR_NAMES)
     ref = batches[0][b"data"][1].reshape(3, 32, 32).astype(np.float32) / 127.5 - 1
     torch.testing.assert_close(tr.x[1], torch.from_numpy(ref))
     assert tr.y[:4].tolist() == batches[0][b"labels"]

@@ -19,14 +19,7 @@ from quickstep.train.data import gmm_preset
 from quickstep.train.loop import NonFiniteLossError, Trainer, config_from_checkpoint, ema_beta, learning_rate
 from quickstep.train.losses import register_objective
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUIET = {"every": 1, "ckpt_every": 1000, "tensorboard": False, "progress": False, "samples": False}
@@ -182,3 +175,31 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     m2 = ckpt.load_model(tmp_path / "two" / "step-0000003", which="raw")
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_streamed_matches_one_process(tmp_path):
+    """[issue 23] A streamed source (EDM zip through DataLoader workers, x-flip): each rank loads only its rows of
+    every global batch and the global batch is all-gathered (STF references need it); same losses as one process."""
+    from quickstep.train.cli import main
+
+    from tests.train.test_pipeline import make_edm_zip
+
+    make_edm_zip(tmp_path / "set.zip", n=20, names=["a", "b", "c"])
+    sets = ["steps=3", "batch_size=8", "device=cpu", "log.every=1", "log.tensorboard=false", "log.progress=false",
+            "log.samples=false", "data.resolution=8", "data.xflip=true", "data.workers=1",
+            "model.backbone={model_channels = 8, channel_mult = [1], num_blocks = 1, attn_resolutions = [], "
+            "time_scale = 10.0}", "objectives.stf={ref_batch = 12}", "objectives.diffusion=none"]
+    args = ["fit", "--preset", "images-small", "--data", str(tmp_path / "set.zip"), *sum((["--set", s] for s in sets), [])]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "quickstep.train.cli", *args,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for r1, r2 in zip(one, two, strict=True):
+        for k in ("loss", "stf", "grad_norm"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-6), (k, r1[k], r2[k])

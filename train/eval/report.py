@@ -69,8 +69,9 @@ def _dataset(config: dict[str, Any], split: str):
     if not d:
         raise ValueError("the checkpoint's config.json has no train.data section; cannot tell which data it models")
     seed = int((config.get("train") or {}).get("seed", 0))
+    # the data as trained on (same resolution and crop), never augmented: x-flip lives in the trainer only
     return load_dataset(d["name"], path=d.get("path"), split=split, seed=seed, resolution=d.get("resolution"),
-                        **dict(d.get("options") or {}))
+                        crop=d.get("crop", "none"), **dict(d.get("options") or {}))
 
 
 def generate(model, sampler: str, steps: int, n: int, *, seed: int = 0, batch_size: int = 500,
