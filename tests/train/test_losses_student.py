@@ -484,7 +484,7 @@ def test_trainer_scd_starts_from_the_teacher_ema_and_skips_nonfinite_steps(tmp_p
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
     assert any(not torch.equal(v, before[k]) for k, v in ema_before.items())  # else the EMA check below is vacuous
-    trainer.data_x[:] = 3e38
+    trainer.feed.data[:] = 3e38  # the in-memory set on the device (float for the mixtures)
     out = trainer.train_step()
     assert out["skipped_steps"] == 1.0 and out["skip_step"] == 1.0
     for k, v in trainer.model.state_dict().items():
