@@ -90,9 +90,9 @@ def test_every_route_but_health_probes_needs_the_key(keyed):
 
 
 def _authorized_source() -> str:
-    from quickstep.serve import app as app_module
+    from quickstep.serve import middleware
 
-    return inspect.getsource(app_module.GatewayMiddleware)
+    return inspect.getsource(middleware.AuthMiddleware)
 
 
 def test_key_comparison_is_constant_time():
@@ -111,7 +111,7 @@ def test_key_comparison_is_constant_time():
             assert not any("key" in i.lower() for i in idents), f"non-constant-time comparison: {ast.unparse(node)}"
         assert not isinstance(node, ast.Return | ast.Break) or ast.unparse(node) in ("return ok",), ast.unparse(node)
     # no other part of the HTTP side compares API keys with ==, !=, in (bundle.py's manifest keys are not secrets)
-    for f in [ROOT / "serve" / n for n in ("app.py", "settings.py", "cli.py", "ui.py")] + \
+    for f in [ROOT / "serve" / n for n in ("app.py", "middleware.py", "deps.py", "settings.py", "cli.py", "ui.py")] + \
             sorted((ROOT / "serve" / "routes").glob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Compare) and any(isinstance(o, ast.Eq | ast.NotEq | ast.In | ast.NotIn)
