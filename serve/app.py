@@ -141,7 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 and any(loc[:1] == ("body",) for loc in locs)):
             return render(request, InvalidRequest(f"body: Content-Type must be application/json (got {ctype[:60]!r}); "
                                                   "send a JSON object such as {\"n\": 1}", param="Content-Type"))
-        param = next((str(loc[1]) for loc in locs if len(loc) > 1 and loc[0] == "body"), None)
+        param = next((str(loc[1]) for loc, e in zip(locs, errors, strict=True) if len(loc) > 1 and loc[0] == "body"
+                      and isinstance(loc[1], str) and e.get("type") != "json_invalid"), None)
         return render(request, InvalidRequest(validation_message(exc, limits, _OPENAI_HINTS if api == "openai" else None),
                                               param=param))
 

@@ -204,7 +204,6 @@ class V2TensorMetadata(BaseModel):
     name: str
     datatype: V2Datatype
     shape: list[int]
-    optional: bool = False
 
 
 class V2ModelMetadata(BaseModel):
