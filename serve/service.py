@@ -379,6 +379,20 @@ class GenerationService:
             class_labels=None if used is None else [int(x) for x in used],
             latency_ms=(time.perf_counter() - t0) * 1000.0)
 
+    async def generate_noise(self, model: str, steps: int, noises: list[np.ndarray], labels: np.ndarray | None, *,
+                             timeout_s: float | None = None, disconnected: Disconnected | None = None
+                             ) -> GenerationResult:
+        """Caller-drawn noise (and labels) through the batcher: the v2 route's Triton-layout models, whose inputs
+        are the graph's own.  Raw uint8 [B, H, W, C], not encoded."""
+        t0 = time.perf_counter()
+        rt, steps = self.check(model, int(noises[0].shape[0]), steps, [] if labels is None else
+                               [int(x) for x in labels], n_field="noise", label_field="class_labels")
+        images = await self._run(self._runnable(rt), steps, [np.ascontiguousarray(x, np.float32) for x in noises],
+                                 None if labels is None else np.asarray(labels, np.int64), timeout_s, disconnected)
+        return GenerationResult(model=rt.name, steps=steps, seed=-1, images=images, encoded=[], mime="",
+                                class_labels=None if labels is None else [int(x) for x in labels],
+                                latency_ms=(time.perf_counter() - t0) * 1000.0)
+
 
 def created_time(bundle: Bundle) -> int:
     """The manifest's `created` (ISO 8601, UTC) as Unix time; 0 when absent or unreadable."""

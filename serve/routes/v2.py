@@ -4,12 +4,16 @@ with the binary-tensor-data extension, on the same service and batcher as /v1/ge
 Model NAME takes `seed` INT64 [B], optional `class_label` INT64 [B] (conditional models; drawn from each seed when
 omitted) and optional `steps` INT32 [1]; it returns `images` UINT8 [B, H, W, C] - the output tensor of the Triton
 repository `quickstep-export triton` writes.  Image i has the pixels of /v1/generate's image 0 for seed[i].
+Each graph is also served under its name in that repository (NAME_{k}step, NAME_heun{k}) with its raw inputs
+(noise FP32 [B, C, H, W], noise2, class_labels INT64 [B, 1]), so one tritonclient script works against both.
 Errors are {"error": "<message>"}: 400 for a bad request, 404 for an unknown model.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from ..deps import ServiceDep, SettingsDep, TimeoutDep
-from ..errors import InvalidRequest, UnsupportedMediaType
+from ..errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
 from ..schemas import (
     MAX_SEED,
     V2Error,
@@ -59,18 +63,52 @@ def inline_schema(model: type) -> dict[str, Any]:
     return resolve(schema)
 
 
-def inputs_of(rt: ModelRuntime) -> dict[str, V2TensorMetadata]:
-    """The model's input tensors: seed, class_label (conditional models), steps."""
-    out = {"seed": V2TensorMetadata(name="seed", datatype="INT64", shape=[-1])}
-    if rt.bundle.num_classes:
-        out["class_label"] = V2TensorMetadata(name="class_label", datatype="INT64", shape=[-1])
-    out["steps"] = V2TensorMetadata(name="steps", datatype="INT32", shape=[1])
-    return out
+def triton_model_name(bundle_name: str, kind: str, steps: int) -> str:
+    """The model name `quickstep-export triton` gives a bundle's graph (export/triton.py: triton_name + suffix)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle_name).strip("._") or "model"
+    return f"{base}_{steps}step" if kind == "consistency" else f"{base}_heun{steps}"
 
 
-def output_of(rt: ModelRuntime) -> V2TensorMetadata:
-    c, h, w = rt.bundle.image_shape
-    return V2TensorMetadata(name=OUTPUT, datatype="UINT8", shape=[-1, h, w, c])
+@dataclass(frozen=True)
+class V2Model:
+    """A model as v2 names it: the bundle NAME (seed inputs), or NAME_{k}step / NAME_heun{k} (one graph, raw noise
+    inputs: the layout of the Triton repository `quickstep-export triton` writes)."""
+
+    name: str
+    rt: ModelRuntime
+    graph_steps: int | None = None  # set for the Triton-layout models
+
+    def inputs(self) -> dict[str, V2TensorMetadata]:
+        b = self.rt.bundle
+        if self.graph_steps is not None:  # as Triton reports the exported config.pbtxt: [-1] + dims
+            dt = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "uint8": "UINT8"}
+            return {t.name: V2TensorMetadata(name=t.name, datatype=dt[t.dtype],  # type: ignore[arg-type]
+                                             shape=[-1] + ([int(d) for d in t.shape[1:]] or [1]))
+                    for t in b.graphs[self.graph_steps].inputs}
+        out = {"seed": V2TensorMetadata(name="seed", datatype="INT64", shape=[-1])}
+        if b.num_classes:
+            out["class_label"] = V2TensorMetadata(name="class_label", datatype="INT64", shape=[-1])
+        out["steps"] = V2TensorMetadata(name="steps", datatype="INT32", shape=[1])
+        return out
+
+    def output(self) -> V2TensorMetadata:
+        c, h, w = self.rt.bundle.image_shape
+        return V2TensorMetadata(name=OUTPUT, datatype="UINT8", shape=[-1, h, w, c])
+
+
+def resolve(service: GenerationService, name: str) -> V2Model:
+    """A bundle name, or the Triton-layout name of one of its graphs; ModelNotFound naming all of them."""
+    if name in service.models:
+        return V2Model(name, service.models[name])
+    names = []
+    for rt in service.models.values():
+        for k in rt.bundle.steps_supported:
+            alias = triton_model_name(rt.name, rt.bundle.kind, k)
+            if alias == name:
+                return V2Model(name, rt, k)
+            names.append(alias)
+    raise ModelNotFound(f"unknown model {name!r}; available models: {sorted(service.models)} (seed inputs) and "
+                        f"{names} (the Triton repository's raw-noise inputs)")
 
 
 @router.get("/v2", response_model=V2ServerMetadata, responses=_ERR)
@@ -82,17 +120,18 @@ async def server_metadata(request: Request) -> V2ServerMetadata:
 @router.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=_ERR)
 async def model_metadata(name: str, service: ServiceDep) -> V2ModelMetadata:
     """Model metadata: inputs seed INT64 [-1], class_label INT64 [-1] (conditional models), steps INT32 [1] (both
-    optional); output images UINT8 [-1, H, W, C]."""
-    rt = service.resolve(name)
-    return V2ModelMetadata(name=rt.name, versions=["1"], platform=f"quickstep_{rt.backend.name}",
-                           inputs=list(inputs_of(rt).values()), outputs=[output_of(rt)])
+    optional); output images UINT8 [-1, H, W, C].  NAME_{k}step: noise FP32 [-1, C, H, W] (noise2 for 2 steps),
+    class_labels INT64 [-1, 1], as the Triton repository of `quickstep-export triton`."""
+    m = resolve(service, name)
+    return V2ModelMetadata(name=m.name, versions=["1"], platform=f"quickstep_{m.rt.backend.name}",
+                           inputs=list(m.inputs().values()), outputs=[m.output()])
 
 
 @router.get("/v2/models/{name}/ready", response_model=V2ModelReady, responses=_ERR)
 async def model_ready(name: str, service: ServiceDep) -> JSONResponse:
     """200 when the model is loaded and warmed, else 503."""
-    rt = service.resolve(name)
-    return JSONResponse({"name": rt.name, "ready": rt.ready}, status_code=200 if rt.ready else 503)
+    m = resolve(service, name)
+    return JSONResponse({"name": m.name, "ready": m.rt.ready}, status_code=200 if m.rt.ready else 503)
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -142,14 +181,28 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _tensors(req: V2InferRequest, tail: bytes, rt: ModelRuntime) -> dict[str, np.ndarray]:
-    """Decode and check every input against the model's metadata (names, datatypes, shapes, sizes)."""
-    spec = inputs_of(rt)
+def _json_values(name: str, datatype: str, flat: list[Any]) -> np.ndarray:
+    if datatype.startswith("FP"):
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat):
+            raise InvalidRequest(f"input {name!r}: {datatype} data must be numbers")
+        return np.asarray(flat, np.float64)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+        raise InvalidRequest(f"input {name!r}: {datatype} data must be integers")
+    info = np.iinfo(DTYPES[datatype])
+    if any(not info.min <= x <= info.max for x in flat):
+        raise InvalidRequest(f"input {name!r}: a value is out of the {datatype} range")
+    return np.asarray(flat, np.int64)
+
+
+def _tensors(req: V2InferRequest, tail: bytes, m: V2Model) -> dict[str, np.ndarray]:
+    """Decode and check every input against the model's metadata (names, datatypes, sizes): integers as int64,
+    floats as float32."""
+    spec = m.inputs()
     out: dict[str, np.ndarray] = {}
     offset = 0
     for t in req.inputs:
         if t.name not in spec:
-            raise InvalidRequest(f"input {t.name!r}: model {rt.name!r} has no such input; inputs: {', '.join(spec)}")
+            raise InvalidRequest(f"input {t.name!r}: model {m.name!r} has no such input; inputs: {', '.join(spec)}")
         if t.name in out:
             raise InvalidRequest(f"input {t.name!r}: given twice")
         want = spec[t.name]
@@ -169,7 +222,7 @@ def _tensors(req: V2InferRequest, tail: bytes, rt: ModelRuntime) -> dict[str, np
             if offset + size > len(tail):
                 raise InvalidRequest(f"input {t.name!r}: the body holds {len(tail) - offset} binary bytes after the "
                                      f"JSON header, {size} expected")
-            arr = np.frombuffer(tail, dtype, count, offset).astype(np.int64)
+            arr = np.frombuffer(tail, dtype, count, offset)
             offset += size
         else:
             if t.data is None:
@@ -178,34 +231,36 @@ def _tensors(req: V2InferRequest, tail: bytes, rt: ModelRuntime) -> dict[str, np
             flat = _flatten(t.data)
             if len(flat) != count:
                 raise InvalidRequest(f"input {t.name!r}: shape {t.shape} holds {count} elements, data has {len(flat)}")
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
-                raise InvalidRequest(f"input {t.name!r}: {t.datatype} data must be integers")
-            info = np.iinfo(DTYPES[t.datatype])
-            if any(not info.min <= x <= info.max for x in flat):
-                raise InvalidRequest(f"input {t.name!r}: a value is out of the {t.datatype} range")
-            arr = np.asarray(flat, np.int64)
-        out[t.name] = arr.reshape(t.shape)
+            arr = _json_values(t.name, t.datatype, flat)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InvalidRequest(f"input {t.name!r}: values must be finite")
+        out[t.name] = (arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64)).reshape(t.shape)
     if offset != len(tail):
         raise InvalidRequest(f"the body has {len(tail) - offset} bytes after the JSON header and the inputs' binary "
                              "data; binary_data_size of the inputs must add up to the rest of the body")
     return out
 
 
-def _batch(tensors: dict[str, np.ndarray], rt: ModelRuntime, max_n: int) -> tuple[np.ndarray, np.ndarray | None,
-                                                                                   int | None]:
+def _column(tensors: dict[str, np.ndarray], name: str, max_n: int) -> np.ndarray:
+    """A per-image scalar input: [B] or [B, 1] -> [B]."""
+    a = tensors[name]
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1 or a.shape[0] == 0:
+        raise InvalidRequest(f"input {name!r}: shape {list(tensors[name].shape)} is not [B] (or [B, 1]) with "
+                             f"B from 1 to {max_n}")
+    return a
+
+
+def _batch(tensors: dict[str, np.ndarray], m: V2Model, max_n: int) -> tuple[np.ndarray, np.ndarray | None,
+                                                                            int | None]:
     """seed [B] (or [B, 1]), class_label like seed, steps [1] -> (seeds, labels, steps)."""
     if "seed" not in tensors:
-        raise InvalidRequest(f"input 'seed' (INT64 [B]) is required: one seed per image; model {rt.name!r} inputs: "
-                             f"{', '.join(inputs_of(rt))}")
+        raise InvalidRequest(f"input 'seed' (INT64 [B]) is required: one seed per image; model {m.name!r} inputs: "
+                             f"{', '.join(m.inputs())}")
 
     def column(name: str) -> np.ndarray:
-        a = tensors[name]
-        if a.ndim == 2 and a.shape[1] == 1:
-            a = a[:, 0]
-        if a.ndim != 1 or a.shape[0] == 0:
-            raise InvalidRequest(f"input {name!r}: shape {list(tensors[name].shape)} is not [B] (or [B, 1]) with "
-                                 f"B from 1 to {max_n}")
-        return a
+        return _column(tensors, name, max_n)
 
     seeds = column("seed")
     if (seeds < 0).any() or (seeds > MAX_SEED).any():
@@ -252,21 +307,50 @@ def _options(req: V2InferRequest, max_timeout_ms: int) -> tuple[bool, float | No
     return binary, deadline
 
 
+def _raw_batch(tensors: dict[str, np.ndarray], m: V2Model, max_n: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The Triton-layout inputs: every noise tensor [B, C, H, W] (all of them), class_labels [B] or [B, 1]."""
+    spec = m.inputs()
+    missing = [n for n in spec if n not in tensors]
+    if missing:
+        raise InvalidRequest(f"inputs {missing} are required; model {m.name!r} inputs: "
+                             + ", ".join(f"{t.name} {t.datatype} {t.shape}" for t in spec.values()))
+    g = m.rt.bundle.graphs[m.graph_steps]  # type: ignore[index]
+    chw = list(m.rt.bundle.image_shape)
+    noises = [tensors[n] for n in g.noise_inputs]
+    batch = noises[0].shape[0] if noises[0].ndim == 4 else 0
+    for n, a in zip(g.noise_inputs, noises, strict=True):
+        if a.ndim != 4 or list(a.shape[1:]) != chw or a.shape[0] != batch or not 1 <= batch <= max_n:
+            raise InvalidRequest(f"input {n!r}: shape {list(a.shape)} is not [B, {', '.join(map(str, chw))}] with "
+                                 f"one B from 1 to {max_n} for every input")
+    labels = None
+    if g.has_labels:
+        labels = _column(tensors, "class_labels", max_n)
+        if labels.shape[0] != batch:
+            raise InvalidRequest(f"input 'class_labels': {labels.shape[0]} labels for a batch of {batch}")
+    return noises, labels
+
+
 async def infer(service: GenerationService, name: str, request: Request, raw: bytes, max_timeout_ms: int,
                 timeout_s: float | None) -> Response:
-    rt = service.resolve(name)
+    m = resolve(service, name)
     header, tail = _split_body(request, raw)
     req = _parse(header)
     binary, deadline = _options(req, max_timeout_ms)
-    seeds, labels, steps = _batch(_tensors(req, tail, rt), rt, service.max_n())
+    tensors = _tensors(req, tail, m)
     if deadline is not None:
         timeout_s = deadline if timeout_s is None else min(timeout_s, deadline)
     async with disconnect_watch(request) as gone:
-        res = await service.generate_seeds(rt.name, seeds, labels, steps, timeout_s=timeout_s,
-                                           disconnected=gone.is_set)
+        if m.graph_steps is None:
+            seeds, labels, steps = _batch(tensors, m, service.max_n())
+            res = await service.generate_seeds(m.rt.name, seeds, labels, steps, timeout_s=timeout_s,
+                                               disconnected=gone.is_set)
+        else:
+            noises, labels = _raw_batch(tensors, m, service.max_n())
+            res = await service.generate_noise(m.rt.name, m.graph_steps, noises, labels, timeout_s=timeout_s,
+                                               disconnected=gone.is_set)
     images = res.images
     out: dict[str, Any] = {"name": OUTPUT, "datatype": "UINT8", "shape": list(images.shape)}
-    body: dict[str, Any] = {"model_name": rt.name, "model_version": "1"}
+    body: dict[str, Any] = {"model_name": m.name, "model_version": "1"}
     if req.id is not None:
         body["id"] = req.id
     body["parameters"] = {"steps": res.steps}

@@ -327,3 +327,42 @@ def test_metrics_carry_the_api_label(server):
             ("openai", "/v1/images/generations", "400"), ("v2", "/v2/models/{name}/infer", "200")} <= seen
     lat = metric_samples(server, headers=AUTH)["quickstep_request_latency_seconds_count"]
     assert {s.labels["api"] for s in lat} >= {"quickstep", "openai", "v2"}
+
+
+def test_triton_layout_models_match_the_exported_repository(server, tmp_path):
+    """NAME_{k}step answers like the model of that name in the Triton repository `quickstep-export triton` writes
+    (same inputs, datatypes and dims as its config.pbtxt; output images): one tritonclient script works against
+    both. Fed the noise of seed s, it gives the pixels of the seed model for s."""
+    import tritonclient.http as httpclient
+    from quickstep.export.triton import model_config_message, parse_model_config, write_triton_repository
+    from quickstep.serve.service import draw_noise
+
+    repo = write_triton_repository(bundled_default(), tmp_path / "repo")
+    names = model_config_message().DESCRIPTOR.file.pool.FindEnumTypeByName("inference.DataType").values_by_number
+    c = triton_client(server)
+    served = [n for n in repo if not n.endswith("_denoiser")]
+    assert served == ["digits-scd_1step", "digits-scd_2step"]
+    for name in served:
+        cfg = parse_model_config((repo[name] / "config.pbtxt").read_text())
+        meta = c.get_model_metadata(name, headers=dict(AUTH))
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+            (i.name, names[i.data_type].name.removeprefix("TYPE_"), [-1, *i.dims]) for i in cfg.input]
+        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [
+            (o.name, names[o.data_type].name.removeprefix("TYPE_"), [-1, *o.dims]) for o in cfg.output]
+    noise, noise2 = draw_noise(31, 1, (1, 16, 16), 2)
+    inputs = []
+    for tname, arr, dt in (("noise", noise, "FP32"), ("noise2", noise2, "FP32"),
+                           ("class_labels", np.array([[7]], np.int64), "INT64")):
+        inputs.append(httpclient.InferInput(tname, list(arr.shape), dt))
+        inputs[-1].set_data_from_numpy(arr, binary_data=True)
+    raw = c.infer("digits-scd_2step", inputs, headers=dict(AUTH)).as_numpy("images")
+    assert np.array_equal(raw, triton_infer(server, [31], [7], steps=2).as_numpy("images"))
+    r = _v2(server, {"inputs": [{"name": "noise", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                                 "data": noise.ravel().tolist()}]}, model="digits-scd_1step")
+    assert r.status_code == 400 and "class_labels" in r.json()["error"] and "required" in r.json()["error"]
+    r = _v2(server, {"inputs": [{"name": "noise", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64},
+                                {"name": "class_labels", "shape": [1, 1], "datatype": "INT64", "data": [1]}]},
+            model="digits-scd_1step")
+    assert r.status_code == 400 and "[B, 1, 16, 16]" in r.json()["error"]
+    r = _v2(server, {"inputs": [_seed()]}, model="digits-scd_3step")
+    assert r.status_code == 404 and "digits-scd_2step" in r.json()["error"]
