@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -50,6 +50,14 @@ class GenerateResponse(BaseModel):
     images: list[ImageOut]
 
 
+class DeviceInfo(BaseModel):
+    """Where a model runs: backend, device kind and (onnxruntime) execution provider."""
+
+    backend: str
+    kind: Literal["cpu", "cuda"]
+    provider: str | None = None
+
+
 class ModelInfo(BaseModel):
     id: str = Field(description="The model name (OpenAI's Model.id).")
     object: Literal["model"] = "model"
@@ -57,7 +65,8 @@ class ModelInfo(BaseModel):
     owned_by: str = "quickstep"
     name: str
     kind: Literal["consistency", "diffusion"]
-    backend: str
+    backend: str = Field(description="Display form of `device`, e.g. 'onnxruntime (CPUExecutionProvider)'.")
+    device: DeviceInfo | None = None
     image_shape: list[int]
     num_classes: int
     steps_supported: list[int]
@@ -69,6 +78,14 @@ class ModelInfo(BaseModel):
     sizes: list[str] = Field(default_factory=list, description="Image sizes POST /v1/images/generations accepts "
                              "('WxH': the native resolution and its integer upscales).")
     quality: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _id_from_name(cls, v: Any) -> Any:
+        """Servers before the OpenAI-compatible fields sent no `id`: it is the name."""
+        if isinstance(v, dict) and "id" not in v and "name" in v:
+            return {**v, "id": v["name"]}
+        return v
 
 
 class ModelList(BaseModel):

@@ -22,7 +22,7 @@ from .bundle import Bundle, check_quality_gate
 from .device import Device
 from .errors import InvalidRequest, ModelNotFound, NotReady
 from .metrics import ServeMetrics
-from .schemas import MAX_SEED, GenerateRequest, ModelInfo
+from .schemas import MAX_SEED, DeviceInfo, GenerateRequest, ModelInfo
 from .settings import ServeSettings
 
 log = logging.getLogger("quickstep.serve")
@@ -288,7 +288,9 @@ class GenerationService:
 
     def info(self, rt: ModelRuntime) -> ModelInfo:
         b = rt.bundle
-        return ModelInfo(id=b.name, created=created_time(b), name=b.name, kind=b.kind, backend=rt.backend.describe(),
+        dev = rt.backend.device_info()
+        return ModelInfo(id=b.name, created=created_time(b), name=b.name, kind=b.kind, backend=str(dev),
+                         device=DeviceInfo(backend=dev.backend, kind=dev.kind, provider=dev.provider),
                          image_shape=list(b.image_shape), num_classes=b.num_classes,
                          steps_supported=list(b.steps_supported), default_steps=b.default_steps,
                          max_batch=self.settings.max_batch, ready=rt.ready,

@@ -167,3 +167,16 @@ def test_quality_gate_rechecked_when_the_backend_falls_back(copy, tmp_path, monk
 
     asyncio.run(main())
     assert not rt.ready and rt.error and "QualityGateError" in rt.error and rt.gated_on == dev(CPU_EP)
+
+
+def test_device_is_a_value_with_a_display_form():
+    from quickstep.serve.device import Device
+
+    for text, kind in ((CPU_EP, "cpu"), (CUDA_EP, "cuda"), ("onnxruntime (TensorrtExecutionProvider)", "cuda"),
+                       ("torch (cuda)", "cuda"), ("aoti (cpu)", "cpu")):
+        d = Device.parse(text)
+        assert d.kind == kind and str(d) == text and Device.parse(str(d)) == d
+    assert Device.parse(" ONNXRUNTIME ( cudaexecutionprovider ) ") == dev(CUDA_EP)  # recorded by hand
+    assert dev("torch (cpu)") != dev(CPU_EP) and dev("torch (cpu)") != dev("torch (cuda)")
+    with pytest.raises(ValueError, match="not a device description"):
+        Device.parse("a GPU")

@@ -217,6 +217,7 @@ def test_models_health_docs(server):
     m = models[0]
     assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["steps_supported"] == [1, 2]
     assert m["ready"] and m["backend"].startswith("onnxruntime")
+    assert m["device"] == {"backend": "onnxruntime", "kind": "cpu", "provider": "CPUExecutionProvider"}
     one = httpx.get(server.url + "/v1/models/tiny-consistency-cond").json()
     assert one["name"] == m["name"] and "quality" in one
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready",
