@@ -143,6 +143,10 @@ def _split_body(request: Request, raw: bytes) -> tuple[bytes, bytes]:
         raise UnsupportedMediaType(f"Content-Type {ctype[:60]!r} is not accepted: send application/json (or "
                                    "application/octet-stream with the binary-data extension's "
                                    f"{HEADER_LENGTH} header)")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted: send the request "
+                                   "uncompressed (tritonclient: no request_compression_algorithm)")
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         return raw, b""

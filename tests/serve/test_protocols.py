@@ -245,6 +245,7 @@ V2_BAD = [  # (body or raw content, extra headers, model, status, words)
     ({"inputs": "seed"}, {}, DIGITS, 400, ["inputs"]),
     (b"{not json", {"Content-Type": "application/json"}, DIGITS, 400, ["not valid JSON"]),
     (b"<xml/>", {"Content-Type": "text/xml"}, DIGITS, 415, ["Content-Type", "application/json"]),
+    (b"\x1f\x8b", {"Content-Encoding": "gzip"}, DIGITS, 415, ["Content-Encoding 'gzip'", "uncompressed"]),
     (b'{"inputs": []}' + b"\0" * 8, {"Inference-Header-Content-Length": "99"}, DIGITS, 400,
      ["Inference-Header-Content-Length", "22 bytes"]),
     (*_binary([2], 16, 8), DIGITS, 400, ["8 binary bytes", "16 expected"]),
