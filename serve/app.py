@@ -211,7 +211,9 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"])
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept", "X-Timeout-Ms",
+                                          "Inference-Header-Content-Length"],
+                           expose_headers=["Inference-Header-Content-Length", "Retry-After"])
     if settings.ui:
         from .ui import mount_ui
 

@@ -367,3 +367,24 @@ def test_triton_layout_models_match_the_exported_repository(server, tmp_path):
     assert r.status_code == 400 and "[B, 1, 16, 16]" in r.json()["error"]
     r = _v2(server, {"inputs": [_seed()]}, model="digits-scd_3step")
     assert r.status_code == 404 and "digits-scd_2step" in r.json()["error"]
+
+
+def test_cors_preflight_admits_the_protocol_headers(bundle_dir):
+    """With CORS on, a browser may send X-Timeout-Ms and the v2 binary header, and read them back."""
+    import asyncio
+
+    from quickstep.serve.app import create_app
+    from quickstep.serve.settings import ServeSettings
+
+    app = create_app(ServeSettings(bundle=[bundle_dir], cors_origins=["http://app.example"], ui=False))
+
+    async def preflight() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.options(f"/v2/models/{UNCOND}/infer", headers={
+                "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-timeout-ms, inference-header-content-length, authorization"})
+
+    r = asyncio.run(preflight())
+    assert r.status_code == 200, r.text
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert "x-timeout-ms" in allowed and "inference-header-content-length" in allowed
