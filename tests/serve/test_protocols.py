@@ -388,3 +388,15 @@ def test_cors_preflight_admits_the_protocol_headers(bundle_dir):
     assert r.status_code == 200, r.text
     allowed = r.headers["access-control-allow-headers"].lower()
     assert "x-timeout-ms" in allowed and "inference-header-content-length" in allowed
+
+
+def test_body_limit_applies_to_every_api_in_its_own_shape(server):
+    big = b"x" * 70_000  # over this server's 65536-byte limit
+    r = httpx.post(server.url + "/v1/images/generations", content=big, headers={**AUTH, "Content-Type":
+                                                                                  "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "65536" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v2/models/{DIGITS}/infer", content=big, headers=AUTH, timeout=30)
+    assert r.status_code == 413 and "65536" in r.json()["error"]
+    r = httpx.post(server.url + "/v1/generate", content=big, headers=AUTH, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
