@@ -132,7 +132,7 @@ def test_graceful_shutdown_finishes_in_flight_work(bundle_dir):
         with ThreadPoolExecutor(6) as ex:
             futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 4, "seed": i}, timeout=60)
                     for i in range(5)]
-            wait_queued(s, 4)
+            wait_queued(s, 5)  # all five read by the server (a chunked job stays queued until its last chunk runs)
             stopper = ex.submit(s.stop)
             time.sleep(0.3)  # shutdown has begun: the listening socket is closed
             assert not any(f.done() for f in futs)
