@@ -369,13 +369,45 @@ async def infer(service: GenerationService, name: str, request: Request, raw: by
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
-@router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=_ERR, openapi_extra={
-    "requestBody": {"required": True, "content": {
-        "application/json": {"schema": inline_schema(V2InferRequest)},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(V2InferRequest)},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+@router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=_ERR, openapi_extra=INFER_BODY)
 async def model_infer(name: str, request: Request, service: ServiceDep, settings: SettingsDep,
                       timeout_s: TimeoutDep) -> Response:
     """Inference: inputs seed INT64 [B], class_label INT64 [B] (optional), steps INT32 [1] (optional); output
     images UINT8 [B, H, W, C], as JSON `data` or, with `binary_data` / `binary_data_output` (and the
     Inference-Header-Content-Length header for binary inputs), as raw bytes after the JSON header."""
+    return await infer(service, name, request, await request.body(), settings.max_timeout_ms, timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------- versions
+def _version(name: str, version: str) -> None:
+    """Every model has one version, "1" (what tritonclient's model_version="1" asks for)."""
+    if version != "1":
+        raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}; its only version is '1'")
+
+
+@router.get("/v2/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=_ERR)
+async def model_version_metadata(name: str, version: str, service: ServiceDep) -> V2ModelMetadata:
+    """Model metadata of version 1 (the only one)."""
+    _version(name, version)
+    return await model_metadata(name, service)
+
+
+@router.get("/v2/models/{name}/versions/{version}/ready", response_model=V2ModelReady, responses=_ERR)
+async def model_version_ready(name: str, version: str, service: ServiceDep) -> JSONResponse:
+    """Readiness of version 1 (the only one)."""
+    _version(name, version)
+    return await model_ready(name, service)
+
+
+@router.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=_ERR,
+             openapi_extra=INFER_BODY)
+async def model_version_infer(name: str, version: str, request: Request, service: ServiceDep, settings: SettingsDep,
+                              timeout_s: TimeoutDep) -> Response:
+    """Inference on version 1 (the only one); as POST /v2/models/{name}/infer."""
+    _version(name, version)
     return await infer(service, name, request, await request.body(), settings.max_timeout_ms, timeout_s)

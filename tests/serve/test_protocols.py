@@ -400,3 +400,20 @@ def test_body_limit_applies_to_every_api_in_its_own_shape(server):
     assert r.status_code == 413 and "65536" in r.json()["error"]
     r = httpx.post(server.url + "/v1/generate", content=big, headers=AUTH, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_tritonclient_model_version_1(server):
+    """tritonclient's model_version="1" uses the /versions/1/ routes; any other version is a 404."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    c = triton_client(server)
+    assert c.get_model_metadata(DIGITS, model_version="1", headers=dict(AUTH))["name"] == DIGITS
+    assert c.is_model_ready(DIGITS, model_version="1", headers=dict(AUTH))
+    seed = httpclient.InferInput("seed", [1], "INT64")
+    seed.set_data_from_numpy(np.array([9], np.int64))
+    res = c.infer(DIGITS, [seed], model_version="1", headers=dict(AUTH))
+    assert np.array_equal(res.as_numpy("images"), triton_infer(server, [9]).as_numpy("images"))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer(DIGITS, [seed], model_version="2", headers=dict(AUTH))
+    assert e.value.status() == "404" and "only version is '1'" in e.value.message()
