@@ -171,7 +171,8 @@ class _Base:
         if timeout_s is not None:
             if timeout_s <= 0:
                 raise ValidationError(f"timeout must be > 0 seconds, got {timeout_s}", code="invalid_request")
-            headers["X-Timeout-Ms"] = f"{timeout_s * 1000.0:.0f}"  # the server's deadline for this request
+            # the server's deadline for this request: whole milliseconds >= 1 (the server answers 422 beyond its limit)
+            headers["X-Timeout-Ms"] = str(max(1, round(timeout_s * 1000.0)))
             timeout = httpx.Timeout(timeout_s + 5.0)  # allow the server to answer 504 itself
         return self.url + path, headers, timeout
 

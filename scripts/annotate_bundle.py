@@ -5,6 +5,12 @@
 
 Training time is read from each run's log.jsonl (first to last logged step); the manifest gets a `provenance`
 section.  manifest.json is not itself hashed, so the file table stays valid.
+
+    python scripts/annotate_bundle.py BUNDLE --class-names 0,1,2,3,4,5,6,7,8,9 \
+        --class-aliases zero=0,one=1,two=2,three=3,four=4,five=5,six=6,seven=7,eight=8,nine=9
+
+sets the class names (index-aligned, one per class) and the extra prompt words the OpenAI images route maps to
+classes; the bundle is re-read by the server's loader afterwards, so a mismatch with num_classes fails here.
 """
 
 from __future__ import annotations
@@ -52,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="a training run: its name, run directory (optionally @step used), and the command")
     ap.add_argument("--command", action="append", default=[], help="another command of the pipeline (export, report)")
     ap.add_argument("--note", default=None)
+    ap.add_argument("--class-names", default=None, help="comma-separated class names, one per class, in index order")
+    ap.add_argument("--class-aliases", default=None, help="comma-separated WORD=INDEX prompt aliases")
     args = ap.parse_args(argv)
+    if args.class_names is not None or args.class_aliases is not None:
+        return annotate_classes(args.bundle, args.class_names, args.class_aliases)
 
     runs = {}
     for spec in args.run:
@@ -66,6 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(args.bundle, manifest)
     json.dump(manifest["provenance"], sys.stdout, indent=2)
     print()
+    return 0
+
+
+def annotate_classes(bundle: Path, names: str | None, aliases: str | None) -> int:
+    """Write class_names / class_aliases into the manifest, then load the bundle as the server does."""
+    from quickstep.serve.bundle import load_bundle
+
+    manifest = read_manifest(bundle)
+    if names is not None:
+        manifest["class_names"] = [x.strip() for x in names.split(",")]
+    if aliases is not None:
+        pairs = [a.split("=", 1) for a in aliases.split(",") if a.strip()]
+        manifest["class_aliases"] = {w.strip(): int(i) for w, i in pairs}
+    write_manifest(bundle, manifest)
+    b = load_bundle(bundle)
+    print(json.dumps({"class_names": b.class_names, "class_aliases": b.class_aliases}))
     return 0
 
 

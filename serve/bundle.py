@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .device import Device
+
 log = logging.getLogger("quickstep.serve")
 
 MANIFEST = "manifest.json"
@@ -64,19 +66,13 @@ class Bundle:
     times: dict[int, list[float]]
     graphs: dict[int, GraphSpec]
     manifest: dict[str, Any] = field(repr=False)
+    class_names: tuple[str, ...] | None = None  # index-aligned; None when the manifest names no classes
+    class_aliases: dict[str, int] = field(default_factory=dict)  # extra prompt words -> class index
 
     @property
     def quality(self) -> dict[str, Any] | None:
         q = self.manifest.get("quality")
         return q if isinstance(q, dict) else None
-
-    @property
-    def class_names(self) -> list[str] | None:
-        """The manifest's index-aligned class names (list[str] of num_classes entries), else None."""
-        names = self.manifest.get("class_names")
-        if isinstance(names, list) and len(names) == self.num_classes and all(isinstance(n, str) for n in names):
-            return list(names)
-        return None
 
     @property
     def torch_files(self) -> dict[str, str] | None:
@@ -154,6 +150,22 @@ def _req(m: dict[str, Any], key: str, path: Path) -> Any:
     return m[key]
 
 
+def _class_names(m: dict[str, Any], num_classes: int, mf: Path) -> tuple[tuple[str, ...] | None, dict[str, int]]:
+    """manifest class_names (list[str] | null, one per class) and class_aliases ({word: class index})."""
+    names = m.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(x, str) and x.strip() for x in names):
+            raise BundleError(f"{mf}: class_names must be a list of non-empty strings or null")
+        if len(names) != num_classes:
+            raise BundleError(f"{mf}: class_names has {len(names)} names for num_classes {num_classes}")
+    aliases = m.get("class_aliases") or {}
+    if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and k.strip() and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_classes
+            for k, v in aliases.items()):
+        raise BundleError(f"{mf}: class_aliases must map non-empty words to class indices 0..{num_classes - 1}")
+    return (tuple(names) if names is not None else None), {str(k): int(v) for k, v in aliases.items()}
+
+
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read and validate BUNDLE/manifest.json (docs/bundle.md); with `verify`, check every file's sha256."""
     path = Path(path).expanduser().resolve()
@@ -197,11 +209,13 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         for s, g in graphs.items():
             if not g.noise_inputs:
                 raise BundleError(f"{mf}: graph for steps={s} has no 'noise' input")
+        num_classes = int(m.get("num_classes", 0) or 0)
+        class_names, class_aliases = _class_names(m, num_classes, mf)
         bundle = Bundle(
             path=path, name=str(m.get("name") or path.name), kind=kind, image_shape=shape,  # type: ignore[arg-type]
-            num_classes=int(m.get("num_classes", 0) or 0), steps_supported=steps_supported,
+            num_classes=num_classes, steps_supported=steps_supported,
             default_steps=default_steps, sigma_data=float(m.get("sigma_data", 0.5)), times=times,
-            graphs=graphs, manifest=m,
+            graphs=graphs, manifest=m, class_names=class_names, class_aliases=class_aliases,
         )
     except BundleError:
         raise
@@ -229,24 +243,31 @@ def quality_flags(bundle: Bundle, backend: str) -> list[dict[str, Any]]:
     return [{"steps": k, **e} for k, e in sorted(per_steps.items()) if isinstance(e, dict) and e.get("flagged")]
 
 
-def same_device(a: str, b: str) -> bool:
-    """Two backend descriptions ('onnxruntime (CUDAExecutionProvider)', 'torch (cpu)') name the same device."""
-    return " ".join(str(a).lower().split()) == " ".join(str(b).lower().split())
+def recorded_device(entry: dict[str, Any]) -> Device | None:
+    """The device a quality entry was measured on (its display string parsed), None when not recorded."""
+    text = entry.get("device")
+    if not text:
+        return None
+    try:
+        return Device.parse(str(text))
+    except ValueError:
+        raise BundleError(f"quality entry device {text!r} is not a device description "
+                          "(expected e.g. 'onnxruntime (CPUExecutionProvider)' or 'torch (cpu)')") from None
 
 
 def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
 
 
-def check_quality_gate(bundle: Bundle, backend: str, force: bool = False, device: str | None = None) -> str | None:
+def check_quality_gate(bundle: Bundle, backend: str, force: bool = False, device: Device | None = None) -> str | None:
     """Refuse (QualityGateError) a bundle whose quality report flags `backend`; with `force`, return the warning.
 
-    `device` is what the backend will run on (Backend.planned_describe(), e.g. 'onnxruntime (CUDAExecutionProvider)').
+    `device` is what the backend will run on (Backend.planned_device(), e.g. onnxruntime on CUDAExecutionProvider).
     A flagged entry that records another device (measured on CPU, served on CUDA) does not refuse: it is logged
     as a note.  Entries without a device, or a gate without one, key on the backend name alone."""
     flags = quality_flags(bundle, backend)
     if device is not None:
-        elsewhere = [f for f in flags if f.get("device") and not same_device(f["device"], device)]
+        elsewhere = [f for f in flags if recorded_device(f) not in (None, device)]
         if elsewhere:
             log.warning("model %r: the quality report flags backend %r on %s (steps %s), not on %s as served "
                         "here; the flag does not apply - run `quickstep-export report` on this device to gate it",

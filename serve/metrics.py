@@ -13,12 +13,12 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("quickstep_requests", "HTTP requests by route and status", ["route", "method", "status"],
-                                registry=r)
+        self.requests = Counter("quickstep_requests", "HTTP requests by API (quickstep, openai, v2), route and status",
+                                ["api", "route", "method", "status"], registry=r)
         self.in_progress = Gauge("quickstep_requests_in_progress", "HTTP requests received and not yet answered",
                                  registry=r)
-        self.request_latency = Histogram("quickstep_request_latency_seconds", "End-to-end HTTP latency by route",
-                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_latency = Histogram("quickstep_request_latency_seconds", "End-to-end HTTP latency by API and route",
+                                         ["api", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_latency = Histogram("quickstep_queue_latency_seconds", "Time a request waited for its batch",
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_latency = Histogram("quickstep_compute_latency_seconds", "Backend time of one batch",

@@ -79,6 +79,11 @@ class ServeSettings(BaseSettings):
     def _lists(cls, v: object) -> object:
         return _split_list(v)
 
+    @property
+    def max_timeout_ms(self) -> int:
+        """The largest deadline a client may ask for (X-Timeout-Ms), in whole milliseconds."""
+        return max(1, int(self.timeout_s * 1000))
+
     def ort_trt_cache_root(self) -> Path:
         """ort_trt_cache_dir, else $XDG_CACHE_HOME/quickstep/ort-trt (~/.cache/quickstep/ort-trt)."""
         if self.ort_trt_cache_dir is not None:

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from ..bundle import Bundle
+from ..device import Device
 from ..settings import ServeSettings
 
 
@@ -37,13 +38,17 @@ class Backend(ABC):
     def run(self, steps: int, noises: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
         """noises: [B, C, H, W] float32 each (noise, noise2, ...); labels: [B] int64 or None -> [B, H, W, C] uint8."""
 
-    def describe(self) -> str:
-        """Backend name with the execution provider/device actually in use."""
-        return f"{self.name} ({self.device})"
+    def device_info(self) -> Device:
+        """Where this backend runs now (after load(): what really runs)."""
+        return Device(self.name, "cuda" if self.device == "cuda" else "cpu")
 
-    def planned_describe(self) -> str:
-        """What describe() will say once loaded, known after preflight() (the quality gate keys on it)."""
-        return self.describe()
+    def planned_device(self) -> Device:
+        """What device_info() will be once loaded, known after preflight() (the quality gate keys on it)."""
+        return self.device_info()
+
+    def describe(self) -> str:
+        """Display form of device_info(): backend name with the execution provider/device in use."""
+        return str(self.device_info())
 
     def warmup(self) -> None:
         """Run every step count at batch 1 and max_batch so first requests do not pay allocation costs."""

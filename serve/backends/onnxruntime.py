@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import MANIFEST, Bundle
+from ..device import Device
 from ..settings import ServeSettings
 from .base import Backend, BackendError, want_cuda
 
@@ -104,15 +105,18 @@ class OnnxRuntimeBackend(Backend):
             log.warning("onnxruntime fell back to %s (CUDA provider could not be initialised)", self.providers)
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
 
-    def describe(self) -> str:
-        return f"onnxruntime ({self.providers[0] if self.providers else 'not loaded'})"
-
-    def planned_describe(self) -> str:
-        """'onnxruntime (<first provider requested>)': the provider that will run unless it fails to initialise."""
+    def device_info(self) -> Device:
+        """The first execution provider of the loaded sessions (before load: the planned one)."""
         if self.providers:
-            return self.describe()
+            return Device.of_provider(self.name, self.providers[0])
+        return self.planned_device()
+
+    def planned_device(self) -> Device:
+        """The first provider requested: the one that will run unless it fails to initialise."""
+        if self.providers:
+            return self.device_info()
         first = self._requested_providers(_import_ort())[0]
-        return f"onnxruntime ({first[0] if isinstance(first, tuple) else first})"
+        return Device.of_provider(self.name, first[0] if isinstance(first, tuple) else first)
 
     def _feeds(self, steps: int, noises: list[np.ndarray], labels: np.ndarray | None) -> dict[str, np.ndarray]:
         g = self.bundle.graphs[steps]

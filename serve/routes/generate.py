@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
+from ..deps import ServiceDep, TimeoutDep
 from ..errors import InvalidRequest, NotAcceptable
 from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, ImageOut
-from ..service import MIME, GenerationService
+from ..service import MIME
 
 router = APIRouter(tags=["generate"])
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 406, 413, 422, 429, 431, 503, 504)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 406, 413, 422, 429, 431, 503, 504)}
 _RAW = {v: k for k, v in MIME.items()}
 
 
@@ -63,11 +64,9 @@ def raw_format(accept: str | None) -> str | None:
 @router.post("/v1/generate", response_model=GenerateResponse, responses={
     **_ERRORS, 200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
                      "description": "JSON, or the raw image when Accept is image/png|jpeg|webp and n = 1"}})
-async def generate(body: GenerateRequest, request: Request, accept: str | None = Header(None),
-                   x_timeout_ms: float | None = Header(None, gt=0, description="Per-request deadline (ms), "
-                                                       "capped by the server's timeout")) -> Response:
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep, timeout_s: TimeoutDep,
+                   accept: str | None = Header(None)) -> Response:
     """Generate `n` images; the seed used is always returned (drawn at random when omitted)."""
-    service: GenerationService = request.app.state.service
     fmt = raw_format(accept)
     if fmt is not None:
         if body.n != 1:
@@ -75,8 +74,7 @@ async def generate(body: GenerateRequest, request: Request, accept: str | None =
                                  "Ask for application/json to get several")
         body = body.model_copy(update={"format": fmt})
     async with disconnect_watch(request) as gone:
-        res = await service.generate(body, timeout_s=None if x_timeout_ms is None else x_timeout_ms / 1000.0,
-                                     disconnected=gone.is_set)
+        res = await service.generate(body, timeout_s=timeout_s, disconnected=gone.is_set)
     if fmt is not None:
         headers = {"X-Seed": str(res.seed), "X-Model": res.model, "X-Steps": str(res.steps),
                    "X-Latency-Ms": f"{res.latency_ms:.3f}"}

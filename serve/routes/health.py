@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from ..deps import ServiceDep
 from ..schemas import HealthStatus
 
 router = APIRouter(tags=["health"])
@@ -19,9 +20,8 @@ async def live() -> HealthStatus:
 
 @router.get("/health/ready", response_model=HealthStatus, responses={503: {"model": HealthStatus}})
 @router.get("/v2/health/ready", response_model=HealthStatus, include_in_schema=False)
-async def ready(request: Request) -> JSONResponse:
+async def ready(service: ServiceDep) -> JSONResponse:
     """200 once every model is loaded and warmed; 503 while loading (or when a model failed to load)."""
-    service = request.app.state.service
     models = {name: rt.ready for name, rt in service.models.items()}
     if all(models.values()):
         status, code = "ok", 200

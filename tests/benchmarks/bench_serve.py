@@ -56,6 +56,20 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def backend_thread_cpu_s(pid: int) -> float:
+    """utime + stime of the server's backend worker threads (named quickstep-cpu*/quickstep-cuda*), seconds."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if not (task / "comm").read_text().startswith(("quickstep-cpu", "quickstep-cuda")):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 BACKEND_CPU_MS: list[float] = []  # process CPU ms per 1-image backend call (filled by bench_backend)
 
 
@@ -106,6 +120,65 @@ async def bench_http(url: str, n: int) -> tuple[float, float]:
     finally:
         conn.close()
     return pct(times)
+
+
+def _v2_json(i: int) -> bytes:
+    return (b'{"inputs":[{"name":"seed","shape":[1],"datatype":"INT64","data":[%d]},'
+            b'{"name":"class_label","shape":[1],"datatype":"INT64","data":[%d]}]}' % (i, i % 10))
+
+
+def _v2_binary(i: int) -> tuple[bytes, bytes]:
+    head = (b'{"inputs":[{"name":"seed","shape":[1],"datatype":"INT64","parameters":{"binary_data_size":8}},'
+            b'{"name":"class_label","shape":[1],"datatype":"INT64","parameters":{"binary_data_size":8}}],'
+            b'"outputs":[{"name":"images","parameters":{"binary_data":true}}]}')
+    tail = np.array([i], "<i8").tobytes() + np.array([i % 10], "<i8").tobytes()
+    return head + tail, b"Inference-Header-Content-Length: %d\r\n" % len(head)
+
+
+# one 1-step image per request, class i % 10, seed i: (path, body and extra headers of request i)
+ROUTES = {
+    "/v1/generate JSON": lambda i: ("/v1/generate", b'{"seed": %d, "class_label": %d}' % (i, i % 10), b""),
+    "/v1/generate raw PNG": lambda i: ("/v1/generate", b'{"seed": %d, "class_label": %d}' % (i, i % 10),
+                                       b"Accept: image/png\r\n"),
+    "/v1/images/generations": lambda i: ("/v1/images/generations",
+                                         b'{"prompt": "%d", "seed": %d}' % (i % 10, i), b""),
+    "/v2 infer JSON": lambda i: ("/v2/models/digits-random/infer", _v2_json(i), b""),
+    "/v2 infer binary": lambda i: ("/v2/models/digits-random/infer", *_v2_binary(i)),
+}
+
+
+async def bench_route(url: str, route: str, n: int) -> tuple[float, float]:
+    """p50/p99 (ms) of `n` sequential one-image requests on one keep-alive connection."""
+    host, port = url.split("//")[1].split(":")
+    conn = RawConnection(host, int(port))
+    times = []
+    try:
+        for i in range(n):
+            path, body, extra = ROUTES[route](i)
+            t0 = time.perf_counter()
+            status, _ = await conn.post_json(path, body, extra=extra)
+            times.append(time.perf_counter() - t0)
+            assert status == 200, (route, status)
+    finally:
+        conn.close()
+    return pct(times)
+
+
+def bench_routes(url: str, pid: int, n: int, repeats: int) -> dict[str, tuple[float, ...]]:
+    """Every route of ROUTES, interleaved round by round (so load drift on a shared machine hits all alike):
+    {route: (median p50, median p99, median server CPU ms per request, median CPU ms per request outside the
+    backend worker thread)} over `repeats` rounds.  The last is the HTTP/service work itself (parsing, validation,
+    noise, batcher hand-off, encoding, response), the figure least distorted by other load on the machine."""
+    rows: dict[str, list[tuple[float, ...]]] = {r: [] for r in ROUTES}
+    for route in ROUTES:
+        asyncio.run(bench_route(url, route, 20))  # warm each route's path once
+    for _ in range(repeats):
+        for route in ROUTES:
+            c0, b0 = proc_cpu_s(pid), backend_thread_cpu_s(pid)
+            p50, p99 = asyncio.run(bench_route(url, route, n))
+            c1, b1 = proc_cpu_s(pid), backend_thread_cpu_s(pid)
+            rows[route].append((p50, p99, 1e3 * (c1 - c0) / n, 1e3 * ((c1 - c0) - (b1 - b0)) / n))
+    return {r: tuple(float(np.median([x[k] for x in v])) for k in range(4)) for r, v in rows.items()}
 
 
 class RawConnection:
@@ -206,6 +279,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, backend and server (0 = "
                     "runtime default)")
     ap.add_argument("--clients", default="1,32", help="comma list of concurrent client counts")
+    ap.add_argument("--route-requests", type=int, default=200, help="requests per route and round (0: skip the "
+                    "per-route overhead table)")
+    ap.add_argument("--route-repeats", type=int, default=5, help="rounds of the per-route table (medians)")
     args = ap.parse_args()
     modes = [m for m in args.batching.split(",") if m]
     if any(m not in ("on", "off") for m in modes):
@@ -240,6 +316,18 @@ def main() -> None:
                       f"wall overhead over the backend call p50 {h50 - p50:+.2f} ms")
                 print(f"server CPU time per request {srv_cpu:.2f} ms = backend {be_cpu:.2f} ms + HTTP/service "
                       f"{srv_cpu - be_cpu:+.2f} ms")
+                if args.route_requests and mode == modes[0]:
+                    table = bench_routes(url, proc.pid, args.route_requests, args.route_repeats)
+                    print(f"per route, 1 image, 1 client, median of {args.route_repeats} interleaved rounds of "
+                          f"{args.route_requests} (load average {os.getloadavg()[0]:.1f}; shared machine):")
+                    print(f"{'route':<24} {'p50 ms':>7} {'p99 ms':>7} {'overhead p50':>13} {'overhead p99':>13} "
+                          f"{'vs /v1/generate p50':>20} {'p99':>7} {'server CPU ms':>14} {'non-backend CPU':>16} "
+                          f"{'vs /v1/generate':>16}")
+                    ref50, ref99, _, ref_cpu = table["/v1/generate JSON"]
+                    for route, (r50, r99, cpu, http_cpu) in table.items():
+                        print(f"{route:<24} {r50:7.2f} {r99:7.2f} {r50 - p50:+13.2f} {r99 - p99:+13.2f} "
+                              f"{r50 - ref50:+20.2f} {r99 - ref99:+7.2f} {cpu:14.2f} {http_cpu:16.2f} "
+                              f"{http_cpu - ref_cpu:+16.2f}")
                 for clients in (int(c) for c in args.clients.split(",")):
                     b0 = batch_stats(url)
                     ips, lat50 = asyncio.run(throughput(url, clients, args.seconds))

@@ -89,7 +89,13 @@ def test_discover_and_bundled_default(cond_bundle_dir, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- quality gate
-CPU_EP, CUDA_EP = "onnxruntime (CPUExecutionProvider)", "onnxruntime (CUDAExecutionProvider)"
+CPU_EP, CUDA_EP = "onnxruntime (CPUExecutionProvider)", "onnxruntime (CUDAExecutionProvider)"  # as recorded
+
+
+def dev(text: str):
+    from quickstep.serve.device import Device
+
+    return Device.parse(text)
 
 
 def flagged_bundle(src: Path, dst: Path, device: str | None) -> Path:
@@ -111,19 +117,19 @@ def test_quality_gate_keys_on_backend_and_device(copy, tmp_path, caplog):
 
     cpu = load_bundle(flagged_bundle(copy, tmp_path / "cpu", CPU_EP))
     with pytest.raises(QualityGateError, match=r"FD 250 at steps=1.*on onnxruntime \(CPUExecutionProvider\)"):
-        check_quality_gate(cpu, "onnxruntime", device=CPU_EP)
+        check_quality_gate(cpu, "onnxruntime", device=dev(CPU_EP))
     with pytest.raises(QualityGateError):
         check_quality_gate(cpu, "onnxruntime")  # no device known: the backend name alone
-    assert "serving it anyway" in check_quality_gate(cpu, "onnxruntime", force=True, device=CPU_EP)
-    assert check_quality_gate(cpu, "torch", device="torch (cpu)") is None
+    assert "serving it anyway" in check_quality_gate(cpu, "onnxruntime", force=True, device=dev(CPU_EP))
+    assert check_quality_gate(cpu, "torch", device=dev("torch (cpu)")) is None
     caplog.clear()
     with caplog.at_level("WARNING", logger="quickstep.serve"):
-        assert check_quality_gate(cpu, "onnxruntime", device=CUDA_EP) is None  # measured on CPU, served on CUDA
+        assert check_quality_gate(cpu, "onnxruntime", device=dev(CUDA_EP)) is None  # measured on CPU, served on CUDA
     note = caplog.text
     assert "CPUExecutionProvider" in note and "CUDAExecutionProvider" in note and "does not apply" in note
     legacy = load_bundle(flagged_bundle(copy, tmp_path / "legacy", None))
     with pytest.raises(QualityGateError):  # an entry without a device gates every device
-        check_quality_gate(legacy, "onnxruntime", device=CUDA_EP)
+        check_quality_gate(legacy, "onnxruntime", device=dev(CUDA_EP))
 
 
 def test_server_gates_on_the_device_it_runs_on(copy, tmp_path):
@@ -135,7 +141,7 @@ def test_server_gates_on_the_device_it_runs_on(copy, tmp_path):
 
     cuda_flag = flagged_bundle(copy, tmp_path / "cuda", CUDA_EP)
     app = create_app(ServeSettings(bundle=[cuda_flag], device="cpu", ui=False))
-    assert app.state.service.models[load_bundle(cuda_flag).name].gated_on == CPU_EP
+    assert app.state.service.models[load_bundle(cuda_flag).name].gated_on == dev(CPU_EP)
     with pytest.raises(QualityGateError, match="refusing to serve"):
         create_app(ServeSettings(bundle=[flagged_bundle(copy, tmp_path / "cpu", CPU_EP)], device="cpu", ui=False))
 
@@ -150,14 +156,27 @@ def test_quality_gate_rechecked_when_the_backend_falls_back(copy, tmp_path, monk
     from quickstep.serve.settings import ServeSettings
 
     b = load_bundle(flagged_bundle(copy, tmp_path / "cpu", CPU_EP))
-    monkeypatch.setattr(OnnxRuntimeBackend, "planned_describe", lambda self: CUDA_EP)
+    monkeypatch.setattr(OnnxRuntimeBackend, "planned_device", lambda self: dev(CUDA_EP))
     service = GenerationService([b], ServeSettings(device="cpu", ui=False), ServeMetrics())
     rt = service.models[b.name]
-    assert rt.gated_on == CUDA_EP
+    assert rt.gated_on == dev(CUDA_EP)
 
     async def main():
         await service.load_all()
         await service.close()
 
     asyncio.run(main())
-    assert not rt.ready and rt.error and "QualityGateError" in rt.error and rt.gated_on == CPU_EP
+    assert not rt.ready and rt.error and "QualityGateError" in rt.error and rt.gated_on == dev(CPU_EP)
+
+
+def test_device_is_a_value_with_a_display_form():
+    from quickstep.serve.device import Device
+
+    for text, kind in ((CPU_EP, "cpu"), (CUDA_EP, "cuda"), ("onnxruntime (TensorrtExecutionProvider)", "cuda"),
+                       ("torch (cuda)", "cuda"), ("aoti (cpu)", "cpu")):
+        d = Device.parse(text)
+        assert d.kind == kind and str(d) == text and Device.parse(str(d)) == d
+    assert Device.parse(" ONNXRUNTIME ( cudaexecutionprovider ) ") == dev(CUDA_EP)  # recorded by hand
+    assert dev("torch (cpu)") != dev(CPU_EP) and dev("torch (cpu)") != dev("torch (cuda)")
+    with pytest.raises(ValueError, match="not a device description"):
+        Device.parse("a GPU")

@@ -180,7 +180,7 @@ def test_malformed_bodies_are_4xx_json(server):
         assert r.status_code == 422, (content, r.text)
         assert set(r.json()["error"]) == {"code", "message"}
     r = httpx.post(server.url + "/v1/generate", json={}, headers={"X-Timeout-Ms": "soon"}, timeout=10)
-    assert r.status_code == 422 and "x-timeout-ms" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "x-timeout-ms" in r.json()["error"]["message"].lower()
 
 
 def test_404_json(server):
@@ -217,6 +217,7 @@ def test_models_health_docs(server):
     m = models[0]
     assert m["image_shape"] == [1, 8, 8] and m["num_classes"] == 10 and m["steps_supported"] == [1, 2]
     assert m["ready"] and m["backend"].startswith("onnxruntime")
+    assert m["device"] == {"backend": "onnxruntime", "kind": "cpu", "provider": "CPUExecutionProvider"}
     one = httpx.get(server.url + "/v1/models/tiny-consistency-cond").json()
     assert one["name"] == m["name"] and "quality" in one
     for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready",

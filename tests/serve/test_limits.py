@@ -132,7 +132,7 @@ def test_graceful_shutdown_finishes_in_flight_work(bundle_dir):
         with ThreadPoolExecutor(6) as ex:
             futs = [ex.submit(httpx.post, s.url + "/v1/generate", json={"n": 4, "seed": i}, timeout=60)
                     for i in range(5)]
-            wait_queued(s, 4)
+            wait_queued(s, 5)  # all five read by the server (a chunked job stays queued until its last chunk runs)
             stopper = ex.submit(s.stop)
             time.sleep(0.3)  # shutdown has begun: the listening socket is closed
             assert not any(f.done() for f in futs)
@@ -142,3 +142,39 @@ def test_graceful_shutdown_finishes_in_flight_work(bundle_dir):
     assert codes == [200] * 5
     with pytest.raises(httpx.TransportError):
         httpx.get(s.url + "/health/live", timeout=2)
+
+
+def test_429_and_504_alike_on_the_openai_and_v2_routes(server):
+    """Same queue and deadlines behind every API: with the queue full both routes answer 429 (+ Retry-After) in
+    their own error shape; with a 1 ms deadline (X-Timeout-Ms, or v2's parameters.timeout in us) they answer 504."""
+    server.wait_ready(30)
+    openai_url, v2_url = server.url + "/v1/images/generations", server.url + "/v2/models/tiny-consistency/infer"
+    v2_body = {"inputs": [{"name": "seed", "shape": [1], "datatype": "INT64", "data": [1]}]}
+    gate = hold_worker(server)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(httpx.post, server.url + "/v1/generate", json={"seed": 1}, headers=AUTH, timeout=30)
+            batcher = server.app.state.service.models["tiny-consistency"].batcher
+            deadline = time.monotonic() + 30
+            while not (batcher._outstanding == 1 and batcher.depth == 0):  # taken, waiting on the held worker
+                assert time.monotonic() < deadline, "the first request was not dispatched"
+                time.sleep(0.005)
+            second = ex.submit(httpx.post, server.url + "/v1/generate", json={"seed": 2}, headers=AUTH, timeout=30)
+            wait_queued(server, 1)  # the one queue slot is taken
+            r_oa = httpx.post(openai_url, json={"prompt": ""}, headers=AUTH, timeout=30)
+            r_v2 = httpx.post(v2_url, json=v2_body, headers=AUTH, timeout=30)
+            gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+    finally:
+        gate.set()
+    assert r_oa.status_code == 429 and r_oa.headers["retry-after"], r_oa.text
+    assert r_oa.json()["error"]["type"] == "rate_limit_error" and r_oa.json()["error"]["code"] == "queue_full"
+    assert r_v2.status_code == 429 and r_v2.headers["retry-after"] and "queue" in r_v2.json()["error"], r_v2.text
+    gate = hold_worker(server)
+    try:
+        r_oa = httpx.post(openai_url, json={"prompt": ""}, headers={**AUTH, "X-Timeout-Ms": "1"}, timeout=30)
+        r_v2 = httpx.post(v2_url, json={**v2_body, "parameters": {"timeout": 1000}}, headers=AUTH, timeout=30)
+    finally:
+        gate.set()
+    assert r_oa.status_code == 504 and r_oa.json()["error"]["code"] == "deadline_exceeded", r_oa.text
+    assert r_v2.status_code == 504 and "deadline" in r_v2.json()["error"], r_v2.text
