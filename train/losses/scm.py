@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import trigflow
+from ..core.networks import attention_kernel
 from ..core.trigflow import _bcast
 from .base import Batch, StepContext, register_objective
 
@@ -170,7 +171,9 @@ def trigflow_jvp(
     x_t, t, dxdt = _f32(x_t.detach()), _f32(t.detach()), _f32(dxdt.detach())
     cs = torch.cos(t) * torch.sin(t)  # [B]
     device_type = x_t.device.type
-    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+    # forward-mode AD needs the math attention kernel (fused SDPA has no JVP); the finite difference keeps SDPA
+    kernel = "sdpa" if method == "finite_difference" else "math"
+    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), attention_kernel(kernel):
         if method == "autograd":
             F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
             return F_minus, cs_dFdt
