@@ -5,9 +5,12 @@ modulated by adaptive double normalisation y = norm(x) * pnorm(s(emb)) + pnorm(b
 in-place ops on activations.
 
 Attention has two kernels computing the same function: `F.scaled_dot_product_attention` (fused flash /
-memory-efficient kernels; the default, forward and backward) and plain math (einsum + softmax).  Fused attention
-has no forward-mode AD and no double backward, so the JVP (`torch.func.jvp`, dual numbers) and the FP
-regulariser's double backward select the math kernel explicitly with `attention_kernel("math")`.
+memory-efficient kernels) and plain math (einsum + softmax).  The default, "auto", takes SDPA on CUDA (forward and
+backward) and for CPU training, and the math kernel for CPU inference, where torch's CPU flash kernel measured
+1.1-1.3x slower than the BLAS batched matmuls at the presets' 64-256 tokens (tests/benchmarks/bench_fast_path.py;
+forward + backward it is 0.9x).  Fused attention has no forward-mode AD and no double backward, so the JVP
+(`torch.func.jvp`, dual numbers) and the FP regulariser's double backward select the math kernel explicitly with
+`attention_kernel("math")`.
 
 Layout and precision for fast inference: `UNet.set_channels_last(True)` keeps activations NHWC (channels_last)
 end to end; a module cast to bfloat16 (`module.to(torch.bfloat16)`) runs in bfloat16 without autocast
@@ -179,14 +182,15 @@ class ResBlock(nn.Module):
         return (h + self.skip(x)) / math.sqrt(2)
 
 
-ATTENTION_KERNELS = ("sdpa", "math")
-_attention = {"kernel": "sdpa"}  # process-wide; read at trace time by torch.compile (a guarded global)
+ATTENTION_KERNELS = ("auto", "sdpa", "math")
+_attention = {"kernel": "auto"}  # process-wide; read at trace time by torch.compile (a guarded global)
 
 
 @contextlib.contextmanager
 def attention_kernel(kernel: str) -> Iterator[None]:
-    """Select the attention kernel inside the block: "sdpa" (F.scaled_dot_product_attention) or "math" (einsum +
-    softmax, the only one with forward-mode AD and double backward).  Restores the previous kernel on exit."""
+    """Select the attention kernel inside the block: "sdpa" (F.scaled_dot_product_attention), "math" (einsum +
+    softmax, the only one with forward-mode AD and double backward on CUDA) or "auto" (SDPA on CUDA or with grad
+    enabled, math for CPU inference).  Restores the previous kernel on exit."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     prev = _attention["kernel"]
@@ -202,7 +206,7 @@ def current_attention_kernel() -> str:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over pixels: fused SDPA by default, plain math under attention_kernel("math")."""
+    """Multi-head self-attention over pixels: fused SDPA or plain math (see `attention_kernel`)."""
 
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
@@ -217,7 +221,8 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b * self.num_heads, 3, c // self.num_heads, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*heads, C/heads, HW]
-        if _attention["kernel"] == "math":
+        kernel = _attention["kernel"]
+        if kernel == "math" or (kernel == "auto" and not x.is_cuda and not torch.is_grad_enabled()):
             scale = 1.0 / math.sqrt(c // self.num_heads)
             attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * scale, dim=-1)  # [B*heads, HW, HW]
             out = torch.einsum("bij,bcj->bci", attn, v)

@@ -22,6 +22,7 @@ value, so the gradient is -2 w e^{-u} g . dF_theta/dtheta / D: a pure tangent-fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -171,9 +172,9 @@ def trigflow_jvp(
     x_t, t, dxdt = _f32(x_t.detach()), _f32(t.detach()), _f32(dxdt.detach())
     cs = torch.cos(t) * torch.sin(t)  # [B]
     device_type = x_t.device.type
-    # forward-mode AD needs the math attention kernel (fused SDPA has no JVP); the finite difference keeps SDPA
-    kernel = "sdpa" if method == "finite_difference" else "math"
-    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), attention_kernel(kernel):
+    # forward-mode AD needs the math attention kernel (fused SDPA has no JVP); the finite difference keeps the default
+    kernel = attention_kernel("math") if method != "finite_difference" else contextlib.nullcontext()
+    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), kernel:
         if method == "autograd":
             F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
             return F_minus, cs_dFdt

@@ -33,14 +33,14 @@ def _inputs(b: int = 4, seed: int = 1, dtype=torch.float32):
 
 
 def test_attention_kernel_context_selects_and_restores():
-    assert current_attention_kernel() == "sdpa"
+    assert current_attention_kernel() == "auto"
     with attention_kernel("math"):
         assert current_attention_kernel() == "math"
         with attention_kernel("sdpa"):
             assert current_attention_kernel() == "sdpa"
         assert current_attention_kernel() == "math"
-    assert current_attention_kernel() == "sdpa"
-    with pytest.raises(ValueError, match="'sdpa', 'math'"):
+    assert current_attention_kernel() == "auto"
+    with pytest.raises(ValueError, match="'auto', 'sdpa', 'math'"):
         with attention_kernel("flash"):
             pass
 
@@ -120,8 +120,8 @@ class _CountSDPA(TorchFunctionMode):
 
 
 def test_jvp_selects_the_math_kernel():
-    """The exact JVPs run the math kernel (fused SDPA kernels on CUDA have no forward-mode AD), the finite difference
-    keeps SDPA; all three agree, and the default is SDPA again afterwards."""
+    """The exact JVPs run the math kernel even where SDPA is selected (fused SDPA kernels on CUDA have no forward-mode
+    AD), the finite difference keeps the selected kernel; all three agree, and the default is back afterwards."""
     from quickstep.train.losses.scm import trigflow_jvp
 
     model = _unet().double()
@@ -129,23 +129,29 @@ def test_jvp_selects_the_math_kernel():
     v = torch.randn_like(x)
     res, calls = {}, {}
     for method in ("autograd", "forward_ad", "finite_difference"):
-        with _CountSDPA() as count:
+        with _CountSDPA() as count, attention_kernel("sdpa"):
             res[method] = trigflow_jvp(model, x, t, v, y, method=method, fd_eps=1e-5)
         calls[method] = count.calls
     assert calls["autograd"] == calls["forward_ad"] == 0 and calls["finite_difference"] > 0, calls
-    with _CountSDPA() as count, torch.no_grad():
+    n_attn = sum(isinstance(m, Attention) for m in model.modules())
+    assert n_attn == 7
+    # "auto": the math kernel for CPU inference (faster there), SDPA with grad (CPU training) and on CUDA
+    with _CountSDPA() as count:
+        with torch.no_grad():
+            model(x, t, y)
+        assert count.calls == 0
         model(x, t, y)
-    assert count.calls == sum(isinstance(m, Attention) for m in model.modules()) == 7
+        assert count.calls == n_attn
     (F_a, j_a), (_, j_f), (F_d, j_d) = res["autograd"], res["forward_ad"], res["finite_difference"]
     torch.testing.assert_close(j_f, j_a, rtol=1e-9, atol=1e-10)
     assert float((j_d - j_a).abs().max()) < 1e-4 * float(j_a.abs().max())
     assert float((F_d - F_a).abs().max()) < 1e-4 * float(F_a.abs().max())
-    assert current_attention_kernel() == "sdpa"
+    assert current_attention_kernel() == "auto"
 
 
 def test_fp_double_backward_runs_through_the_math_kernel():
     """The FP regulariser's create_graph VJP and the backward through it run on the math kernel (CUDA's fused SDPA
-    kernels have no double backward), while SDPA stays the default elsewhere."""
+    kernels have no double backward), and the default kernel is back afterwards."""
     from quickstep.train.losses.base import Batch, StepContext, build_objective, get_objective_spec
 
     model = _unet().train()
@@ -156,7 +162,7 @@ def test_fp_double_backward_runs_through_the_math_kernel():
                       global_batch=batch)
     with _CountSDPA() as count:
         terms = obj(model, batch, ctx)
-    assert terms and count.calls == 0 and current_attention_kernel() == "sdpa"  # fused kernels lack double backward
+    assert terms and count.calls == 0 and current_attention_kernel() == "auto"  # fused kernels lack double backward
     sum(terms.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
