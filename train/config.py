@@ -47,7 +47,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adam"  # "adam" | "radam"
+    name: str = "adam"  # "adam" | "adamw" | "radam"
+    fused: str = "auto"  # fused Adam/AdamW kernels: "auto" (on CUDA) | "on" | "off" (RAdam has none: foreach)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -87,6 +88,9 @@ class TrainConfig:
     batch_size: int = 256  # global (split evenly over DDP ranks)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "none"
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in float32 (JVP, tangent, losses)
+    channels_last: str = "auto"  # UNet activations NHWC: "auto" (on CUDA) | "on" | "off"
+    compile: bool = False  # torch.compile the backbone (the exact JVP and FP's double backward run it eagerly)
     init_from: str | None = None  # checkpoint whose EMA weights initialise the model (and its architecture)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -109,8 +113,10 @@ class TrainConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("mlp", "unet"),
-    "optim.name": ("adam", "radam"),
+    "optim.name": ("adam", "adamw", "radam"),
+    "optim.fused": ("auto", "on", "off"),
     "amp": ("auto", "bf16", "none"),
+    "channels_last": ("auto", "on", "off"),
     "data.split": ("train", "test", "all"),
 }
 DATA_DERIVED = {"mlp": ("dim", "num_classes"), "unet": ("img_channels", "img_resolution", "num_classes")}

@@ -54,6 +54,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _on(option: str, device: torch.device) -> bool:
+    """An "auto" | "on" | "off" option: auto = on for CUDA."""
+    return option == "on" or (option == "auto" and device.type == "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if name == "auto":
@@ -215,8 +220,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {self.world_size}")
         self.local_batch = cfg.batch_size // self.world_size
@@ -265,12 +270,20 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
         self.model.to(self.device).train()
+        # [issue 21] GPU fast path: NHWC activations, fused optimizer kernels, a compiled backbone (options)
+        if _on(cfg.channels_last, self.device):
+            for m in (self.model, self.teacher):
+                if m is not None:
+                    m.set_channels_last(True)
         self.conditional = self.model.num_classes > 0 and self.data_y is not None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.compile:  # in place: state_dict keys and the EMA stay those of the plain module
+            self.model.backbone.compile(dynamic=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        opt_cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt_cls = {"radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}.get(o.name, torch.optim.Adam)
+        kernels = {} if o.name == "radam" else {"fused": _on(o.fused, self.device)}  # RAdam has no fused kernel
+        self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **kernels)
 
         # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
         # or of the JSON the config round-trips through on resume

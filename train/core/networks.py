@@ -10,7 +10,7 @@ backward) and for CPU training, and the math kernel for CPU inference, where tor
 1.1-1.3x slower than the BLAS batched matmuls at the presets' 64-256 tokens (tests/benchmarks/bench_fast_path.py;
 forward + backward it is 0.9x).  Fused attention has no forward-mode AD and no double backward, so the JVP
 (`torch.func.jvp`, dual numbers) and the FP regulariser's double backward select the math kernel explicitly with
-`attention_kernel("math")`.
+`exact_autodiff()` (which also runs a compiled backbone eagerly).
 
 Layout and precision for fast inference: `UNet.set_channels_last(True)` keeps activations NHWC (channels_last)
 end to end; a module cast to bfloat16 (`module.to(torch.bfloat16)`) runs in bfloat16 without autocast
@@ -203,6 +203,16 @@ def attention_kernel(kernel: str) -> Iterator[None]:
 
 def current_attention_kernel() -> str:
     return _attention["kernel"]
+
+
+@contextlib.contextmanager
+def exact_autodiff() -> Iterator[None]:
+    """What forward-mode AD and double backward need: the math attention kernel, and compiled modules (a
+    `torch.compile`d backbone) run eagerly (neither functorch transforms nor AOTAutograd's double backward go
+    through compiled graphs)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    with attention_kernel("math"), (stance("force_eager") if stance is not None else contextlib.nullcontext()):
+        yield
 
 
 class Attention(nn.Module):
