@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from quickstep.train.core import build_model
-from quickstep.train.core.generator import ConsistencyGenerator, inference_copy
+from quickstep.train.core.generator import inference_copy
 from quickstep.train.core.networks import Attention, attention_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -75,13 +75,13 @@ def bench_attention(preset: str, cfg, batch: int, repeats: int) -> list[dict]:
         x = torch.randn(batch, ch, res, res)
         xg = x.clone().requires_grad_(True)
 
-        def fwd(kernel: str):
+        def fwd(kernel: str, layer=layer, x=x):
             def f():
                 with torch.no_grad(), attention_kernel(kernel):
                     layer(x)
             return f
 
-        def fwd_bwd(kernel: str):
+        def fwd_bwd(kernel: str, layer=layer, xg=xg):
             def f():
                 with attention_kernel(kernel):
                     layer(xg).square().mean().backward()
@@ -156,8 +156,8 @@ def bench_buckets(repeats: int) -> dict:
         for n in (5, 17):
             noises = draw_noise(0, n, b.image_shape, 1)
             labels = draw_labels(0, n, b.num_classes, 1, b.image_shape)
-            r = round_robin({k: (lambda x=x: x.run(1, noises, labels)) for k, x in be.items()}, repeats)
-            pad = round_robin({"pad": lambda: (pad_rows(noises[0], 32), pad_rows(labels, 32))}, 50)["pad"]
+            r = round_robin({k: (lambda x=x, nz=noises, lb=labels: x.run(1, nz, lb)) for k, x in be.items()}, repeats)
+            pad = round_robin({"pad": lambda nz=noises, lb=labels: (pad_rows(nz[0], 32), pad_rows(lb, 32))}, 50)["pad"]
             out[f"n={n}"] = {"unbucketed ms": round(r["off"], 3), "bucketed ms": round(r["on"], 3),
                              "bucket rows": 8 if n == 5 else 32, "padding copy ms": round(pad, 4)}
         return out
