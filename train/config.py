@@ -91,6 +91,7 @@ class TrainConfig:
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in float32 (JVP, tangent, losses)
     channels_last: str = "auto"  # UNet activations NHWC: "auto" (on CUDA) | "on" | "off"
     compile: bool = False  # torch.compile the backbone (the exact JVP and FP's double backward run it eagerly)
+    max_seconds: float = 0.0  # > 0: the step that ends past this wall time is the last (logged, checkpointed)
     init_from: str | None = None  # checkpoint whose EMA weights initialise the model (and its architecture)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)

@@ -512,11 +512,14 @@ class Trainer:
         result = TrainResult(self.out_dir, None, self.step)
         log_f = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115
         t_last, step_last = time.perf_counter(), self.step
+        deadline = t_last + cfg.max_seconds if cfg.max_seconds > 0 else math.inf
         acc: dict[str, float] = {}
         n_acc = 0
         try:
             while self.step < end:
                 out = self.train_step()
+                if deadline < math.inf and self._past(deadline):  # max_seconds: this step is the last one
+                    end = self.step
                 result.losses.append(out["loss"])
                 result.terms.append(out)
                 for k, v in out.items():
@@ -556,6 +559,15 @@ class Trainer:
                 log_f.close()
         result.step = self.step
         return result
+
+    def _past(self, deadline: float) -> bool:
+        """time.perf_counter() > deadline on any rank (all ranks stop at the same step)."""
+        past = time.perf_counter() > deadline
+        if self.distributed:
+            flag = torch.tensor(float(past), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            past = bool(flag.item())
+        return past
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

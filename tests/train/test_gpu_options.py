@@ -128,3 +128,19 @@ def test_nccl_one_process_matches_no_process_group(tmp_path, monkeypatch):
             dist.destroy_process_group()
     for a, b in zip(ref, terms, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_max_seconds_ends_the_run_at_a_logged_checkpointed_step(tmp_path):
+    """max_seconds time-boxes a run (the device suite's 60-second training): the step past the deadline is the last
+    one, and it is logged and checkpointed like a normal end."""
+    import json
+
+    from tests.train.test_loop import tiny_config
+
+    cfg = tiny_config({"diffusion": {}}, steps=1_000_000, max_seconds=1.0)
+    tr = Trainer(cfg, tmp_path)
+    res = tr.fit()
+    tr.close()
+    assert 0 < res.step < 1_000_000 and res.checkpoint == tmp_path / f"step-{res.step:07d}"
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == res.step and last["img_per_s"] > 0
