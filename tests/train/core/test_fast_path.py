@@ -198,3 +198,48 @@ def test_inference_copy_bf16_weights_generator_matches_fp32_images():
     assert float(diff.float().mean()) < 1.5 and int(diff.max()) <= 12, (float(diff.float().mean()), int(diff.max()))
     with pytest.raises(ValueError, match="float32, bfloat16"):
         inference_copy(model, dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sdpa_matches_cpu_float64(dtype):
+    """CUDA's fused SDPA kernels (flash / memory-efficient) vs the CPU float64 math reference: forward and parameter
+    gradients, float32 (TF32 off) and bfloat16."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ref_model = _unet().double()
+    x, t, y = _inputs(dtype=torch.float64)
+    with attention_kernel("math"):
+        ref = ref_model(x, t, y)
+    ref.square().mean().backward()
+    ref = ref.detach()
+    m = copy.deepcopy(ref_model).to("cuda", dtype)
+    m.zero_grad(set_to_none=True)
+    with attention_kernel("sdpa"):
+        out = m(x.to("cuda", dtype), t.cuda(), y.cuda())
+    out.float().square().mean().backward()
+    tol = 1e-3 if dtype == torch.float32 else 0.05
+    assert float((out.double().cpu() - ref).abs().mean()) < tol * float(ref.abs().mean())
+    params = dict(m.named_parameters())
+    for n, p in ref_model.named_parameters():
+        if p.grad is not None:
+            g = params[n].grad.double().cpu()
+            assert float((g - p.grad).norm()) < 10 * tol * float(p.grad.norm()) + 1e-6, n
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_bf16_channels_last_generator_matches_cpu():
+    """The serving fast path: torch.compile(mode="reduce-overhead") of the 2-step generator with bfloat16 weights
+    and channels_last on CUDA: uint8 images within a few levels of the CPU float32 eager generator."""
+    model = _unet()
+    fast = inference_copy(model.cuda(), channels_last=True, dtype=torch.bfloat16)
+    gen = torch.compile(ConsistencyGenerator(fast, 2).eval(), mode="reduce-overhead", dynamic=False)
+    g = torch.Generator().manual_seed(4)
+    noise, noise2 = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+    labels = torch.arange(8) % 5
+    with torch.inference_mode():
+        for _ in range(3):  # CUDA graphs record on a later call
+            out = gen(noise.cuda(), noise2.cuda(), labels.cuda()).cpu().int()
+        ref = ConsistencyGenerator(model.cpu(), 2)(noise, noise2, labels).int()
+    diff = (out - ref).abs()
+    assert float(diff.float().mean()) < 1.5 and int(diff.max()) <= 12
