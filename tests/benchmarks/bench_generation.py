@@ -510,7 +510,9 @@ def main() -> None:
     ap.add_argument("--compile-models", default="digits", help="models for torch.compile / AOTInductor")
     ap.add_argument("--compile-batches", default="1,8,64", help="batches for torch.compile / AOTInductor")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--peak-sizes", default="", help="matmul sizes for the measured peak (comma list)")
     a = ap.parse_args()
+    a.peak_sizes = tuple(int(x) for x in a.peak_sizes.split(",") if x)
     a.batches = [int(x) for x in a.batches.split(",")]
     a.steps = [int(x) for x in a.steps.split(",")]
     a.backends = [x for x in a.backends.split(",") if x]
@@ -538,7 +540,7 @@ def main() -> None:
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the "% of bf16 matmul rate"
     if a.compile_dynamic or a.compile_batches:  # one graph per (step count, batch): keep them all compiled
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    sizes = (4096, 8192) if device.type == "cuda" else (512, 1024, 2048)  # best of a few sizes
+    sizes = a.peak_sizes or ((4096, 8192) if device.type == "cuda" else (512, 1024, 2048))  # best of a few sizes
     peak = peak_torch = max(matmul_rate(device, peak_dtype, n=n) for n in sizes)
     peak_note = f"torch.mm {peak_torch / 1e12:.3f}"
     if device.type == "cpu":
