@@ -6,9 +6,10 @@ in-place ops on activations.
 
 Attention has two kernels computing the same function: `F.scaled_dot_product_attention` (fused flash /
 memory-efficient kernels) and plain math (einsum + softmax).  The default, "auto", takes SDPA on CUDA (forward and
-backward) and for CPU training, and the math kernel for CPU inference, where torch's CPU flash kernel measured
-1.1-1.3x slower than the BLAS batched matmuls at the presets' 64-256 tokens (tests/benchmarks/bench_fast_path.py;
-forward + backward it is 0.9x).  Fused attention has no forward-mode AD and no double backward, so the JVP
+backward) and the math kernel on CPU, where torch's CPU flash kernel measured 1.08-1.33x slower than the BLAS
+batched matmuls forward and 1.02-1.05x forward + backward at the presets' 64 and 256 tokens
+(tests/benchmarks/bench_fast_path.py, docs/performance.md).  Fused attention has no forward-mode AD and no double
+backward, so the JVP
 (`torch.func.jvp`, dual numbers) and the FP regulariser's double backward select the math kernel explicitly with
 `exact_autodiff()` (which also runs a compiled backbone eagerly).
 
@@ -189,8 +190,8 @@ _attention = {"kernel": "auto"}  # process-wide; read at trace time by torch.com
 @contextlib.contextmanager
 def attention_kernel(kernel: str) -> Iterator[None]:
     """Select the attention kernel inside the block: "sdpa" (F.scaled_dot_product_attention), "math" (einsum +
-    softmax, the only one with forward-mode AD and double backward on CUDA) or "auto" (SDPA on CUDA or with grad
-    enabled, math for CPU inference).  Restores the previous kernel on exit."""
+    softmax, the only one with forward-mode AD and double backward on CUDA) or "auto" (SDPA on CUDA, math on CPU,
+    where it measured faster).  Restores the previous kernel on exit."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     prev = _attention["kernel"]
@@ -232,7 +233,7 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(b * self.num_heads, 3, c // self.num_heads, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*heads, C/heads, HW]
         kernel = _attention["kernel"]
-        if kernel == "math" or (kernel == "auto" and not x.is_cuda and not torch.is_grad_enabled()):
+        if kernel == "math" or (kernel == "auto" and not x.is_cuda):
             scale = 1.0 / math.sqrt(c // self.num_heads)
             attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * scale, dim=-1)  # [B*heads, HW, HW]
             out = torch.einsum("bij,bcj->bci", attn, v)

@@ -135,12 +135,14 @@ def test_jvp_selects_the_math_kernel():
     assert calls["autograd"] == calls["forward_ad"] == 0 and calls["finite_difference"] > 0, calls
     n_attn = sum(isinstance(m, Attention) for m in model.modules())
     assert n_attn == 7
-    # "auto": the math kernel for CPU inference (faster there), SDPA with grad (CPU training) and on CUDA
+    # "auto": the math kernel on CPU (faster there, forward and backward), SDPA on CUDA; "sdpa" forces it
     with _CountSDPA() as count:
         with torch.no_grad():
             model(x, t, y)
+        model(x, t, y).sum().backward()
         assert count.calls == 0
-        model(x, t, y)
+        with attention_kernel("sdpa"):
+            model(x, t, y)
         assert count.calls == n_attn
     (F_a, j_a), (_, j_f), (F_d, j_d) = res["autograd"], res["forward_ad"], res["finite_difference"]
     torch.testing.assert_close(j_f, j_a, rtol=1e-9, atol=1e-10)
