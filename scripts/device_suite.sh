@@ -7,7 +7,8 @@
 #
 # Options: --smoke | --out DIR (default $OUT, else a temp dir) | --budget SECONDS (default 290; smoke 240)
 #          | --install (smoke: install like on the device too) | -h
-# Environment: SERVE_ARGS (extra quickstep-serve flags for the serving stage), PY (python to use).
+# Environment: SERVE_ARGS (quickstep-serve flags for the serving stage; GPU default "--torch-dtype=bfloat16
+# --torch-channels-last", e.g. add --torch-compile --torch-compile-mode=reduce-overhead), PY (python to use).
 #
 # Writes into the output folder (at most 8 files, for the device tool): suite.log (every stage's output, tee'd as it
 # runs, so a timeout still returns it), results.json + results.md (stages, pytest -m gpu, targets, tables),
@@ -16,10 +17,11 @@
 # passed, 1 otherwise (results are written either way).
 #
 # On the device (python3 3.12 with torch+CUDA, no package index): the project is installed with
-# `pip install --no-deps` (editable, no build isolation; a symlinked package tree if that fails) and the wheelhouse
+# `pip install --no-deps` (editable, no build isolation; a package-dir finder if that fails) and the wheelhouse
 # (fastapi, starlette, uvicorn, pydantic, pydantic-settings, ...) is unpacked with --no-index --no-deps into /tmp.
+# shellcheck disable=SC2054  # the commas inside the argument arrays are part of the arguments
 set -u -o pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 ROOT=$(pwd)
 
 MODE=gpu
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --out) OUTDIR="$2"; shift ;;
     --budget) BUDGET="$2"; shift ;;
     --install) INSTALL=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "device_suite.sh: unknown option '$1' (allowed: --smoke, --out DIR, --budget SECONDS, --install, -h)" >&2
        exit 2 ;;
   esac
@@ -155,6 +157,7 @@ if [ "$MODE" = gpu ]; then
   TRAIN_BENCH=(--model cifar --batch 256 --iters 3)
   TRAIN_SETS=(--set device=cuda --set batch_size=256 --set max_seconds=25)
   SERVE=(--requests 200 --seconds 3 --clients 1,32 --max-batch 32)
+  DEFAULT_SERVE_ARGS="--torch-dtype=bfloat16 --torch-channels-last"
   CAPS=(90 100 45 85 60)
 else
   DEV=cpu
@@ -163,6 +166,7 @@ else
   TRAIN_BENCH=(--model digits --batch 4 --iters 1 --threads 1)
   TRAIN_SETS=(--set device=cpu --set batch_size=8 --set max_seconds=2 --set log.every=1)
   SERVE=(--requests 5 --seconds 0.5 --clients 1,2 --max-batch 2)
+  DEFAULT_SERVE_ARGS=""
   CAPS=(60 60 60 90 60)
 fi
 # the gpu-marked tests (on CPU they are collected and skipped: the smoke run keeps their imports honest)
@@ -181,6 +185,7 @@ stage bench_generation "${CAPS[1]}" "$PY" tests/benchmarks/bench_generation.py -
 stage bench_training "${CAPS[2]}" "$PY" tests/benchmarks/bench_training.py --device "$DEV" "${TRAIN_BENCH[@]}" \
   --variants DSM,DSM+CP,DSM+FP,STF,sCT,sCD --json "$OUTDIR/bench_training.json"
 
+# shellcheck disable=SC2016  # expanded by the inner bash
 stage train_teacher_scd "${CAPS[3]}" bash -c '
   set -e -o pipefail
   "$0" -m quickstep.train.cli fit --preset digits-stf --out "$1/teacher" "${@:3}"
@@ -188,10 +193,11 @@ stage train_teacher_scd "${CAPS[3]}" bash -c '
   "$0" scripts/device_report.py train "$1/teacher" "$1/student" --out "$2"
 ' "$PY" "$WORK" "$OUTDIR/train.json" "${TRAIN_SETS[@]}" "${COMMON_TRAIN[@]}"
 
-# shellcheck disable=SC2086  # SERVE_ARGS is a list of flags
+SERVE_FLAGS=()
+# shellcheck disable=SC2086  # SERVE_ARGS is a space-separated list of flags
+for a in ${SERVE_ARGS-$DEFAULT_SERVE_ARGS}; do SERVE_FLAGS+=("--server-arg=$a"); done
 stage serve "${CAPS[4]}" "$PY" tests/benchmarks/bench_serve.py --backend torch --device "$DEV" \
-  --bundle serve/bundled/digits-scd --batching on "${SERVE[@]}" --ready-s 50 \
-  $(for a in ${SERVE_ARGS:---torch-channels-last}; do printf -- '--server-arg=%s ' "$a"; done) \
+  --bundle serve/bundled/digits-scd --batching on "${SERVE[@]}" --ready-s 50 ${SERVE_FLAGS[@]+"${SERVE_FLAGS[@]}"} \
   --json "$OUTDIR/serve.json"
 
 # ------------------------------------------------------------------------------------------------ report
