@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,22 +28,14 @@ from quickstep.train.core.networks import Attention, attention_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.benchmarks.bench_networks import preset_model  # noqa: E402
+from tests.benchmarks.bench_training import round_robin as _round_robin  # noqa: E402
 
 CLOCK: Callable[[], float] = time.process_time
 
 
 def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median milliseconds per call of each fn."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = CLOCK()
-            fn()
-            times[k].append(1e3 * (CLOCK() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median milliseconds per call of each fn (bench_training's round robin on the CPU clock)."""
+    return {k: 1e3 * v for k, v in _round_robin(fns, repeats, torch.device("cpu"), CLOCK, warmup).items()}
 
 
 def attention_sites(cfg) -> list[tuple[int, int]]:

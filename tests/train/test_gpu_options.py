@@ -12,15 +12,11 @@ from quickstep.train.config import ConfigError, TrainConfig, build_config
 from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.loop import Trainer
 
+from tests.train.test_loop import _one_thread, tiny_config  # noqa: F401 - _one_thread: the autouse fixture
+
 QUIET = {"every": 1, "ckpt_every": 1000, "tensorboard": False, "progress": False, "samples": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def unet_config(objectives: dict, **over) -> TrainConfig:
@@ -134,8 +130,6 @@ def test_max_seconds_ends_the_run_at_a_logged_checkpointed_step(tmp_path):
     """max_seconds time-boxes a run (the device suite's 60-second training): the step past the deadline is the last
     one, and it is logged and checkpointed like a normal end."""
     import json
-
-    from tests.train.test_loop import tiny_config
 
     cfg = tiny_config({"diffusion": {}}, steps=1_000_000, max_seconds=1.0)
     tr = Trainer(cfg, tmp_path)

@@ -32,6 +32,16 @@ def _inputs(b: int = 4, seed: int = 1, dtype=torch.float32):
     return x, t, y
 
 
+def _float64_reference():
+    """The UNet in float64 on the math kernel: (model with the gradients of mean(out^2), inputs, output)."""
+    ref_model = _unet().double()
+    x, t, y = _inputs(dtype=torch.float64)
+    with attention_kernel("math"):
+        ref = ref_model(x, t, y)
+    ref.square().mean().backward()
+    return ref_model, (x, t, y), ref.detach()
+
+
 def test_attention_kernel_context_selects_and_restores():
     assert current_attention_kernel() == "auto"
     with attention_kernel("math"):
@@ -82,12 +92,7 @@ def test_sdpa_and_math_agree_forward_and_backward_fp32(heads):
 def test_sdpa_and_math_agree_in_bfloat16_forward_and_backward():
     """bfloat16 weights and inputs: SDPA's error against the float64 reference is that of the math kernel (bf16
     rounding through the whole UNet), forward and parameter gradients."""
-    ref_model = _unet().double()
-    x, t, y = _inputs(dtype=torch.float64)
-    with attention_kernel("math"):
-        ref = ref_model(x, t, y)
-    ref.square().mean().backward()
-    ref = ref.detach()
+    ref_model, (x, t, y), ref = _float64_reference()
     pairs = [(n, p.grad) for n, p in ref_model.named_parameters() if p.grad is not None]
     err = {}
     for kernel in ("sdpa", "math"):
@@ -209,12 +214,7 @@ def test_cuda_sdpa_matches_cpu_float64(dtype):
     """CUDA's fused SDPA kernels (flash / memory-efficient) vs the CPU float64 math reference: forward and parameter
     gradients, float32 (TF32 off) and bfloat16."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    ref_model = _unet().double()
-    x, t, y = _inputs(dtype=torch.float64)
-    with attention_kernel("math"):
-        ref = ref_model(x, t, y)
-    ref.square().mean().backward()
-    ref = ref.detach()
+    ref_model, (x, t, y), ref = _float64_reference()
     m = copy.deepcopy(ref_model).to("cuda", dtype)
     m.zero_grad(set_to_none=True)
     with attention_kernel("sdpa"):
