@@ -5,7 +5,7 @@
 #   bash scripts/device_suite.sh --smoke        # here, on CPU, tiny sizes, about a minute (tests/test_device_suite.py)
 #   make device-prep                            # here, once: the wheelhouse .whl/ that travels with the tree
 #
-# Options: --smoke | --out DIR (default $OUT, else a temp dir) | --budget SECONDS (default 290; smoke 240)
+# Options: --smoke | --out DIR (default $OUT, else a temp dir) | --budget SECONDS (default 300; smoke 240)
 #          | --install (smoke: install like on the device too) | -h
 # Environment: SERVE_ARGS (quickstep-serve flags for the serving stage; GPU default "--torch-dtype=bfloat16
 # --torch-channels-last", e.g. add --torch-compile --torch-compile-mode=reduce-overhead), PY (python to use).
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ -n "$BUDGET" ] || BUDGET=$([ "$MODE" = smoke ] && echo 240 || echo 290)
+[ -n "$BUDGET" ] || BUDGET=$([ "$MODE" = smoke ] && echo 240 || echo 300)
 [ -n "$INSTALL" ] || INSTALL=$([ "$MODE" = gpu ] && echo 1 || echo 0)
 if [ -z "$OUTDIR" ]; then OUTDIR=$(mktemp -d /tmp/quickstep-suite.XXXXXX); fi
 mkdir -p "$OUTDIR"
@@ -155,10 +155,10 @@ if [ "$MODE" = gpu ]; then
             --precision fp32,bf16,bf16w --compile-precisions bf16w --compile-models digits,cifar
             --compile-batches 1,8,64,256 --compile-dynamic --repeats 5 --max-call-s 5 --cell-budget-s 6)
   TRAIN_BENCH=(--model cifar --batch 256 --iters 3)
-  TRAIN_SETS=(--set device=cuda --set batch_size=256 --set max_seconds=25)
-  SERVE=(--requests 200 --seconds 3 --clients 1,32 --max-batch 32)
+  TRAIN_SETS=(--set device=cuda --set batch_size=256 --set max_seconds=20)
+  SERVE=(--requests 100 --seconds 2 --clients 1,32 --max-batch 32)
   DEFAULT_SERVE_ARGS="--torch-dtype=bfloat16 --torch-channels-last"
-  CAPS=(90 100 45 85 60)
+  CAPS=(100 70 35 55 35)  # seconds: pytest, generation, training bench, teacher + sCD, serving
 else
   DEV=cpu
   GEN_ARGS=(--models digits --batches 2 --backends eager --steps 1,2 --precision fp32,bf16w --repeats 1
@@ -176,7 +176,7 @@ GPU_TESTS=(tests/train/core/test_model.py tests/train/core/test_fast_path.py tes
 COMMON_TRAIN=(--steps 100000 --set log.progress=false --set log.tensorboard=false --set log.samples=false
               --set log.ckpt_every=1000000)
 
-stage pytest_gpu "${CAPS[0]}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$WORK/pytest.xml" \
+stage pytest_gpu "${CAPS[0]}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider --junitxml="$WORK/pytest.xml" \
   "${GPU_TESTS[@]}"
 
 stage bench_generation "${CAPS[1]}" "$PY" tests/benchmarks/bench_generation.py --device "$DEV" "${GEN_ARGS[@]}" \

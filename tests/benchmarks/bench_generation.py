@@ -287,7 +287,7 @@ class Bench:
         return self._onnx[key]
 
     # -- cells -------------------------------------------------------------------------------------------------
-    def run_all(self) -> list[Row]:
+    def run_all(self, on_row: Callable[[], None] | None = None) -> list[Row]:
         a = self.args
         for b in a.batches:
             for backend in a.backends:
@@ -300,6 +300,8 @@ class Bench:
                         row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                     self.rows.append(row)
                     print(format_row(row, self), flush=True)
+                    if on_row is not None:
+                        on_row()
         return self.rows
 
     def cell(self, row: Row) -> Row:
@@ -567,7 +569,9 @@ def main() -> None:
                       f"per image per NFE; roofline {1e3 * roof:.3f} ms per image per NFE ({1 / roof:.0f} images/s "
                       "at 1 NFE)")
                 print(HEADER, flush=True)
-                rows += b.run_all()
+                done = list(rows)
+                rows += b.run_all(lambda b=b, done=done: write_json(a.json, done + b.rows, benches, peak, peak_dtype,
+                                                                  hw))
                 del b.model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -575,12 +579,20 @@ def main() -> None:
     print(f"\n## summary (ratios filled in; load average now {os.getloadavg()[0]:.1f})\n{HEADER}")
     for r in rows:
         print(format_row(r))
-    if a.json:
-        a.json.write_text(json.dumps({"peak_flops": peak, "peak_dtype": str(peak_dtype), "device": hw, "threads": torch.get_num_threads(),
-                                      "models": {k: {"params": v.params, "flops_per_image": v.flops}
-                                                 for k, v in benches.items()},
-                                      "rows": [asdict(r) for r in rows]}, indent=1))
+    write_json(a.json, rows, benches, peak, peak_dtype, hw)
 
+
+def write_json(path: Path | None, rows: list[Row], benches: dict[str, Bench], peak: float, peak_dtype: torch.dtype,
+               hw: str) -> None:
+    """The rows so far as JSON (also after every cell: a run killed by a time limit keeps what it measured)."""
+    if path is None:
+        return
+    finish(rows, benches, peak)
+    path.write_text(json.dumps({"peak_flops": peak, "peak_dtype": str(peak_dtype), "device": hw,
+                                "threads": torch.get_num_threads(),
+                                "models": {k: {"params": v.params, "flops_per_image": v.flops}
+                                           for k, v in benches.items()},
+                                "rows": [asdict(r) for r in rows]}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -185,6 +185,9 @@ def main() -> None:
             print(f"| {k} | {1e3 * s:.1f} | {s / base:.2f} |")
         result["jvp"] = {k: 1e3 * s for k, s in res.items()}
         student.zero_grad(set_to_none=True)
+        if a.json:  # partial results survive a time limit on the step table
+            a.json.write_text(json.dumps({"model": a.model, "batch": a.batch, "device": str(device),
+                                          "channels_last": cl, "amp": amp, **result}, indent=1))
     res = round_robin({k: make_step(VARIANTS[k]) for k in names}, a.iters, device, clock)
     base = res.get("DSM")
     print("\n| objective | step ms | images/s | x DSM step |\n|---|---:|---:|---:|")
