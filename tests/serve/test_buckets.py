@@ -113,3 +113,16 @@ def test_bf16_channels_last_backend_stays_close(backends):
     noises, labels = _request(b, 5, 8, 2)
     diff = np.abs(fast.run(2, noises, labels).astype(int) - plain.run(2, noises, labels).astype(int))
     assert diff.mean() < 1.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def test_cli_flags_reach_the_settings():
+    from quickstep.serve.cli import build_parser
+
+    args = build_parser().parse_args(["--backend", "torch", "--torch-compile", "--torch-compile-mode",
+                                      "reduce-overhead", "--torch-dtype", "bfloat16", "--torch-channels-last",
+                                      "--batch-buckets", "on"])
+    s = ServeSettings(**{k: v for k, v in vars(args).items() if v is not None})
+    assert (s.torch_compile, s.torch_compile_mode, s.torch_dtype, s.torch_channels_last, s.batch_buckets) == (
+        True, "reduce-overhead", "bfloat16", True, "on")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--batch-buckets", "sometimes"])
