@@ -541,7 +541,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the "% of bf16 matmul rate"
     if a.compile_dynamic or a.compile_batches:  # one graph per (step count, batch): keep them all compiled
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        from quickstep.serve.backends.torch import raise_recompile_limit
+
+        raise_recompile_limit(torch, 64)
     sizes = a.peak_sizes or ((4096, 8192) if device.type == "cuda" else (512, 1024, 2048))  # best of a few sizes
     peak = peak_torch = max(matmul_rate(device, peak_dtype, n=n) for n in sizes)
     peak_note = f"torch.mm {peak_torch / 1e12:.3f}"
