@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test install install-dev lint pytest clean pipeline docker-test
+.PHONY: demo test install install-dev lint pytest clean pipeline docker-test device-prep device-smoke
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -69,3 +69,12 @@ pipeline: install-dev
 	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student --out $(BUNDLE) --steps 1,2 --name digits-scd
 	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --teacher $(RUNS)/teacher --out $(RUNS)/report
 	$(BIN)/quickstep-export verify $(BUNDLE)
+
+# The GPU device suite (issue 21; docs/performance.md "GPU"): device-prep downloads the CPython 3.12 wheelhouse .whl/
+# that the suite installs on the device (no package index there) and checks the traveling size; device-smoke runs
+# the same suite here on CPU with tiny sizes (~1 min; tests/test_device_suite.py runs it in the default suite).
+device-prep: install-dev
+	$(BIN)/python scripts/device_prep.py
+
+device-smoke: install-dev
+	bash scripts/device_suite.sh --smoke --out $(or $(OUT),runs/device-smoke)

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ort-trt-cache-dir", metavar="DIR",
       help="onnxruntime TensorRT provider engine cache root (default $XDG_CACHE_HOME/quickstep/ort-trt)")
     a("--torch-compile", action="store_true", default=None, help="torch backend: torch.compile the generators")
+    a("--torch-compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+      help="torch.compile mode (default; reduce-overhead = CUDA graphs)")
+    a("--torch-dtype", choices=["float32", "bfloat16"], help="torch backend: weights dtype (float32)")
+    a("--torch-channels-last", action="store_true", default=None, help="torch backend: channels_last activations")
+    a("--batch-buckets", choices=["auto", "on", "off"],
+      help="torch/aoti: pad micro-batches to buckets 1,2,4..max-batch, all warmed before ready (auto: with compile)")
     a("--no-ui", action="store_false", dest="ui", default=None, help="do not mount the Gradio demo at /ui")
     a("--force", action="store_true", default=None,
       help="serve a bundle even when its quality report (quickstep-export report) flags the chosen backend")

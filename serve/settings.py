@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["onnxruntime", "tensorrt", "torch", "aoti"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def _split_list(v: object) -> object:
@@ -51,7 +52,14 @@ class ServeSettings(BaseSettings):
         "bundle (sha of its manifest); default $XDG_CACHE_HOME/quickstep/ort-trt (~/.cache/...). Never the bundle "
         "itself: bundles stay read-only and verifiable.")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the generator.")
-    torch_compile_mode: str = "default"
+    torch_compile_mode: CompileMode = Field(
+        "default", description="torch.compile mode: reduce-overhead = CUDA graphs, max-autotune = + kernel search.")
+    torch_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="torch backend: weights dtype (bfloat16 = no autocast re-casting every call).")
+    torch_channels_last: bool = Field(False, description="torch backend: channels_last (NHWC) activations.")
+    batch_buckets: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch/aoti: pad each micro-batch to a bucket 1, 2, 4, ..., max_batch and warm every "
+        "bucket before ready; auto = on with --torch-compile (one static graph per bucket).")
     # network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -51,7 +51,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adam"  # "adam" | "radam"
+    name: str = "adam"  # "adam" | "adamw" | "radam"
+    fused: str = "auto"  # fused Adam/AdamW kernels: "auto" (on CUDA) | "on" | "off" (RAdam has none: foreach)
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -91,6 +92,10 @@ class TrainConfig:
     batch_size: int = 256  # global (split evenly over DDP ranks)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "none"
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions for what runs in float32 (JVP, tangent, losses)
+    channels_last: str = "auto"  # UNet activations NHWC: "auto" (on CUDA) | "on" | "off"
+    compile: bool = False  # torch.compile the backbone (the exact JVP and FP's double backward run it eagerly)
+    max_seconds: float = 0.0  # > 0: the step that ends past this wall time is the last (logged, checkpointed)
     init_from: str | None = None  # checkpoint whose EMA weights initialise the model (and its architecture)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -113,8 +118,10 @@ class TrainConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("mlp", "unet"),
-    "optim.name": ("adam", "radam"),
+    "optim.name": ("adam", "adamw", "radam"),
+    "optim.fused": ("auto", "on", "off"),
     "amp": ("auto", "bf16", "none"),
+    "channels_last": ("auto", "on", "off"),
     "data.split": ("train", "test", "all"),
     "data.crop": ("none", "center"),
 }

@@ -55,6 +55,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _on(option: str, device: torch.device) -> bool:
+    """An "auto" | "on" | "off" option: auto = on for CUDA."""
+    return option == "on" or (option == "auto" and device.type == "cuda")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if name == "auto":
@@ -185,8 +190,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the world size {self.world_size}")
         self.local_batch = cfg.batch_size // self.world_size
@@ -236,13 +241,21 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
         self.model.to(self.device).train()
+        # [issue 21] GPU fast path: NHWC activations, fused optimizer kernels, a compiled backbone (options)
+        if _on(cfg.channels_last, self.device):
+            for m in (self.model, self.teacher):
+                if m is not None:
+                    m.set_channels_last(True)
         has_labels = (dataset.y if hasattr(dataset, "y") else dataset.labels) is not None
         self.conditional = self.model.num_classes > 0 and has_labels
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.compile:  # in place: state_dict keys and the EMA stay those of the plain module
+            self.model.backbone.compile(dynamic=False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        opt_cls = torch.optim.RAdam if o.name == "radam" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt_cls = {"radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}.get(o.name, torch.optim.Adam)
+        kernels = {} if o.name == "radam" else {"fused": _on(o.fused, self.device)}  # RAdam has no fused kernel
+        self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **kernels)
 
         # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
         # or of the JSON the config round-trips through on resume
@@ -475,11 +488,14 @@ class Trainer:
         result = TrainResult(self.out_dir, None, self.step)
         log_f = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115
         t_last, step_last = time.perf_counter(), self.step
+        deadline = t_last + cfg.max_seconds if cfg.max_seconds > 0 else math.inf
         acc: dict[str, float] = {}
         n_acc = 0
         try:
             while self.step < end:
                 out = self.train_step()
+                if deadline < math.inf and self._past(deadline):  # max_seconds: this step is the last one
+                    end = self.step
                 result.losses.append(out["loss"])
                 result.terms.append(out)
                 for k, v in out.items():
@@ -525,6 +541,15 @@ class Trainer:
                 log_f.close()
         result.step = self.step
         return result
+
+    def _past(self, deadline: float) -> bool:
+        """time.perf_counter() > deadline on any rank (all ranks stop at the same step)."""
+        past = time.perf_counter() > deadline
+        if self.distributed:
+            flag = torch.tensor(float(past), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            past = bool(flag.item())
+        return past
 
     def close(self) -> None:
         self.feed.close()

@@ -13,6 +13,8 @@ import numpy as np
 from ..bundle import Bundle
 from ..settings import ServeSettings
 from .base import Backend, BackendError, want_cuda
+from .buckets import bucket_sizes
+from .torch import TorchRunner, use_buckets
 
 
 def package_device(bundle: Bundle, settings: ServeSettings, cuda_available: bool) -> str:
@@ -47,6 +49,7 @@ class AotiBackend(Backend):
     def __init__(self, bundle: Bundle, settings: ServeSettings):
         super().__init__(bundle, settings)
         self.runners: dict[int, Any] = {}
+        self.runner: TorchRunner | None = None
         self._torch: Any = None
 
     def preflight(self) -> None:
@@ -73,19 +76,24 @@ class AotiBackend(Backend):
             except Exception as e:  # noqa: BLE001
                 raise BackendError(f"could not load AOTInductor package {path}: {e} (packages are tied to the "
                                    "torch version and device they were compiled for)") from e
+        # one package serves every batch in [1, max_batch] (a dynamic batch dim); --batch-buckets on pads to
+        # 1, 2, 4, ... like the torch backend; on CUDA the copies go through pinned host buffers
+        section = self.bundle.manifest.get("aoti")
+        pkg_max = int(section.get("max_batch", 0)) if isinstance(section, dict) else 0
+        cap = min(self.settings.max_batch, pkg_max) if pkg_max else self.settings.max_batch
+        buckets = bucket_sizes(cap) if use_buckets(self.settings, compiled=False) else None
+        self.runner = TorchRunner(torch, self.bundle, self.device, self.runners, buckets, cap)
 
     def run(self, steps: int, noises: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
-        torch = self._torch
-        args = [torch.from_numpy(np.ascontiguousarray(n, np.float32)).to(self.device) for n in noises]
-        if self.bundle.graphs[steps].has_labels:
-            if labels is None:
-                raise BackendError(f"model {self.bundle.name!r} is class-conditional: class_labels are required")
-            args.append(torch.from_numpy(np.ascontiguousarray(labels, np.int64)).to(self.device))
-        with torch.inference_mode():
-            out = self.runners[steps](*args)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return out.cpu().numpy()
+        if self.runner is None:
+            raise BackendError("the aoti backend is not loaded")
+        return self.runner.run(steps, noises, labels)
+
+    def warmup(self) -> None:
+        if self.runner is not None and self.runner.buckets is not None:
+            self.runner.warmup(repeats=1)
+        super().warmup()
 
     def close(self) -> None:
         self.runners.clear()
+        self.runner = None

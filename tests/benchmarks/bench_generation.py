@@ -16,9 +16,12 @@ matmul rate measured here (fp32 on CPU, bf16 on CUDA).  Not collected by pytest.
 A cell whose single call would exceed --max-call-s (predicted from one network evaluation at that batch, or
 linearly from the largest smaller batch measured) is not run: its time is NFE x the per-evaluation time and the
 row says "extrapolated".  Cells whose repeats would exceed --cell-budget-s are timed once ("1 rep").
-On CUDA the torch paths run under bf16 autocast (compile: mode="reduce-overhead", i.e. CUDA graphs); AOTInductor
-is fp32; onnxruntime CUDA/TensorRT use the fp16 (half-compute) ONNX graph; native TensorRT engines are built
-from the same fp16 graph with one profile per batch.
+--precision takes a comma list: fp32, bf16 (autocast; the CUDA default) and bf16w (bfloat16 weights, no autocast:
+train.core.generator.inference_copy); --channels-last runs every torch path NHWC.  On CUDA compile uses
+mode="reduce-overhead" (CUDA graphs; --compile-mode), --compile-dynamic compiles one graph for every batch (the
+device suite's time budget); AOTInductor is fp32 or bf16w (one package, dynamic batch); onnxruntime CUDA/TensorRT
+use the fp16 (half-compute) ONNX graph; native TensorRT engines are built from the same fp16 graph with one profile
+per batch.  The roofline on CUDA is the measured bf16 matmul rate whatever the precision.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from quickstep.train.core import ModelConfig, UNetConfig, build_model
-from quickstep.train.core.generator import ConsistencyGenerator, HeunGenerator
+from quickstep.train.core.generator import ConsistencyGenerator, HeunGenerator, inference_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -55,6 +58,7 @@ MODELS: dict[str, ModelConfig] = {
                                     num_blocks=3, attn_resolutions=(16,), num_classes=0)),
 }
 BACKENDS = ("eager-heun", "eager", "compile", "aoti", "ort", "ort-cuda", "ort-trt", "tensorrt")
+PRECISIONS = ("fp32", "bf16", "bf16w")  # bf16 = autocast over float32 weights, bf16w = bfloat16 weights
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -173,15 +177,20 @@ def make_inputs(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 
 class Bench:
     """Runs the cells of one model: budgets, extrapolation, one row per (method, backend, batch)."""
 
-    def __init__(self, name: str, cfg: ModelConfig, args: argparse.Namespace, device: torch.device, tmp: Path):
+    def __init__(self, name: str, cfg: ModelConfig, args: argparse.Namespace, device: torch.device, tmp: Path,
+                 precision: str = "fp32"):
         self.name, self.cfg, self.args, self.device, self.tmp = name, cfg, args, device, tmp
+        self.precision = precision
         torch.manual_seed(0)
         from tests.helpers import perturb_zero_init
 
         self.model = perturb_zero_init(build_model(cfg)).eval().requires_grad_(False).to(device)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.flops = model_flops(self.model, cfg, device)
-        self.bf16 = device.type == "cuda" and args.precision == "bf16"
+        if precision == "bf16w" or args.channels_last:
+            self.model = inference_copy(self.model, channels_last=args.channels_last,
+                                        dtype=torch.bfloat16 if precision == "bf16w" else None)
+        self.bf16 = precision == "bf16"  # autocast
         self.nfe_s: dict[int, float] = {}  # batch -> seconds of one eager network evaluation
         self.rows: list[Row] = []
         self._onnx: dict[tuple[int, str], Path] = {}
@@ -191,7 +200,8 @@ class Bench:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def torch_precision(self) -> str:
-        return "bf16-autocast" if self.bf16 else "fp32"
+        label = {"fp32": "fp32", "bf16": "bf16-autocast", "bf16w": "bf16-weights"}[self.precision]
+        return label + ("+NHWC" if self.args.channels_last else "")
 
     def one_nfe(self, batch: int) -> float | None:
         """Median seconds of one eager network evaluation (denoise) at `batch`; None when predicted too slow."""
@@ -277,7 +287,7 @@ class Bench:
         return self._onnx[key]
 
     # -- cells -------------------------------------------------------------------------------------------------
-    def run_all(self) -> list[Row]:
+    def run_all(self, on_row: Callable[[], None] | None = None) -> list[Row]:
         a = self.args
         for b in a.batches:
             for backend in a.backends:
@@ -290,6 +300,8 @@ class Bench:
                         row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                     self.rows.append(row)
                     print(format_row(row, self), flush=True)
+                    if on_row is not None:
+                        on_row()
         return self.rows
 
     def cell(self, row: Row) -> Row:
@@ -319,16 +331,22 @@ class Bench:
                     return gen(*targs).cpu()
 
             return self.measure(row, eager, est)
+        if row.backend in ("compile", "aoti") and self.precision not in a.compile_precisions:
+            row.precision = self.torch_precision()
+            return self.skip(row, "precision not in --compile-precisions")
         if row.backend == "compile":
             row.precision = self.torch_precision()
             if self.name not in a.compile_models or b not in a.compile_batches:
                 return self.skip(row, "not in --compile-models/--compile-batches (cold compile ~1 min per shape on CPU)")
             return self.compiled(row, gen, targs)
         if row.backend == "aoti":
-            row.precision = "fp32"
+            row.precision = "bf16-weights" if self.precision == "bf16w" else "fp32"
             if self.name not in a.compile_models or b not in a.compile_batches:
                 return self.skip(row, "not in --compile-models/--compile-batches (compile ~1 min per graph on CPU)")
             return self.aoti(row, steps, targs)
+        if row.backend.startswith("ort") or row.backend == "tensorrt":
+            if self.precision == "bf16w":
+                return self.skip(row, "ONNX/TensorRT graphs are fp32 or fp16, not bf16 weights")
         if row.backend.startswith("ort"):
             return self.ort(row, steps, inp)
         if row.backend == "tensorrt":
@@ -336,12 +354,12 @@ class Bench:
         raise ValueError(f"unknown backend {row.backend!r}; choose from {BACKENDS}")
 
     def compiled(self, row: Row, gen: torch.nn.Module, targs: list[torch.Tensor]) -> Row:
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"  # CUDA graphs on GPU
+        mode = self.args.compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         key = ("compiled", row.method)
         if not hasattr(self, "_compiled"):
             self._compiled: dict = {}
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(gen, mode=mode, dynamic=False)
+            self._compiled[key] = torch.compile(gen, mode=mode, dynamic=True if self.args.compile_dynamic else False)
         fn = self._compiled[key]
 
         def run():
@@ -354,7 +372,7 @@ class Bench:
             run()
             run()  # reduce-overhead records the CUDA graph on the second call
         row.extra["compile_s"] = round(time.perf_counter() - t0, 1)
-        row.note = f"mode={mode}"
+        row.note = f"mode={mode}" + (", dynamic batch" if self.args.compile_dynamic else "")
         return self.measure(row, run, None)
 
     def aoti(self, row: Row, steps: int, targs: list[torch.Tensor]) -> Row:
@@ -442,7 +460,10 @@ class Bench:
 # ----------------------------------------------------------------------------------------------- report
 def finish(rows: list[Row], benches: dict[str, Bench], peak: float) -> None:
     """Fill vs_teacher (images/s over heun35 eager at the same model and batch) and the roofline fraction."""
-    base = {(r.model, r.batch): r.images_per_s for r in rows if r.method == "heun35" and r.backend == "eager-heun"}
+    base: dict[tuple[str, int], float] = {}
+    for r in rows:  # the teacher baseline: Heun35 eager at the same model and batch (its first precision)
+        if r.method == "heun35" and r.backend == "eager-heun" and r.images_per_s:
+            base.setdefault((r.model, r.batch), r.images_per_s)
     for r in rows:
         if r.images_per_s is None:
             continue
@@ -458,11 +479,11 @@ def format_row(r: Row, bench: Bench | None = None) -> str:
     vs = f"{r.vs_teacher:8.1f}x" if r.vs_teacher is not None else f"{'':>9}"
     rf = f"{100 * r.roofline_frac:7.1f}%" if r.roofline_frac is not None else f"{'':>8}"
     extra = (" " + json.dumps(r.extra)) if r.extra else ""
-    return (f"| {r.model:6} | {r.method:6} | {r.backend:10} | {r.precision or '-':13} | {r.batch:5} | {lat} | {ips} "
+    return (f"| {r.model:6} | {r.method:6} | {r.backend:10} | {r.precision or '-':18} | {r.batch:5} | {lat} | {ips} "
             f"| {vs} | {rf} | {r.note}{extra} |")
 
 
-HEADER = ("| model  | method | backend    | precision     | batch | latency ms |   images/s | vs Heun35 | roofline "
+HEADER = ("| model  | method | backend    | precision          | batch | latency ms |   images/s | vs Heun35 | roofline "
           "| note |\n|---|---|---|---|---:|---:|---:|---:|---:|---|")
 
 
@@ -473,8 +494,14 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {BACKENDS}")
     ap.add_argument("--steps", default="1,2", help="sCM step counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                    help="CUDA only: bf16 autocast for torch paths, fp16 graphs for ORT-CUDA/TensorRT (CPU: fp32)")
+    ap.add_argument("--precision", default=None,
+                    help=f"comma list of {PRECISIONS} (default: bf16 on CUDA, fp32 on CPU); bf16 = autocast for "
+                         "torch paths and fp16 graphs for ORT-CUDA/TensorRT; bf16w = bfloat16 weights")
+    ap.add_argument("--compile-precisions", default=None, help="precisions for compile/AOTI cells (default: all)")
+    ap.add_argument("--channels-last", action="store_true", help="torch paths with channels_last activations")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (CUDA default reduce-overhead)")
+    ap.add_argument("--compile-dynamic", action="store_true",
+                    help="compile one graph with a dynamic batch dim instead of one per batch")
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch and onnxruntime intra-op threads")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
@@ -485,12 +512,19 @@ def main() -> None:
     ap.add_argument("--compile-models", default="digits", help="models for torch.compile / AOTInductor")
     ap.add_argument("--compile-batches", default="1,8,64", help="batches for torch.compile / AOTInductor")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument("--peak-sizes", default="", help="matmul sizes for the measured peak (comma list)")
     a = ap.parse_args()
+    a.peak_sizes = tuple(int(x) for x in a.peak_sizes.split(",") if x)
     a.batches = [int(x) for x in a.batches.split(",")]
     a.steps = [int(x) for x in a.steps.split(",")]
     a.backends = [x for x in a.backends.split(",") if x]
     a.compile_models = a.compile_models.split(",")
     a.compile_batches = [int(x) for x in a.compile_batches.split(",") if x]
+    a.precision = (a.precision or ("bf16" if a.device.startswith("cuda") else "fp32")).split(",")
+    a.compile_precisions = a.compile_precisions.split(",") if a.compile_precisions else a.precision
+    bad_p = [p for p in a.precision + a.compile_precisions if p not in PRECISIONS]
+    if bad_p:
+        raise SystemExit(f"unknown precisions {bad_p}; choose from {list(PRECISIONS)}")
     bad = [x for x in a.backends if x not in BACKENDS] + [m for m in a.models.split(",") if m not in MODELS]
     if bad:
         raise SystemExit(f"unknown backends/models {bad}; backends: {list(BACKENDS)}, models: {sorted(MODELS)}")
@@ -505,8 +539,12 @@ def main() -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    peak_dtype = torch.bfloat16 if device.type == "cuda" and a.precision == "bf16" else torch.float32
-    sizes = (4096, 8192) if device.type == "cuda" else (512, 1024, 2048)  # best of a few sizes
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the issue's "% of bf16 matmul rate"
+    if a.compile_dynamic or a.compile_batches:  # one graph per (step count, batch): keep them all compiled
+        from quickstep.serve.backends.torch import raise_recompile_limit
+
+        raise_recompile_limit(torch, 64)
+    sizes = a.peak_sizes or ((4096, 8192) if device.type == "cuda" else (512, 1024, 2048))  # best of a few sizes
     peak = peak_torch = max(matmul_rate(device, peak_dtype, n=n) for n in sizes)
     peak_note = f"torch.mm {peak_torch / 1e12:.3f}"
     if device.type == "cpu":
@@ -525,23 +563,38 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models.split(","):
-            b = Bench(name, MODELS[name], a, device, Path(tmp))
-            benches[name] = b
-            roof = b.flops / peak
-            print(f"\n## {name}: {b.params / 1e6:.2f}M params, {b.flops / 1e9:.3f} GFLOP per image per NFE; "
-                  f"roofline {1e3 * roof:.3f} ms per image per NFE ({1 / roof:.0f} images/s at 1 NFE)")
-            print(HEADER, flush=True)
-            rows += b.run_all()
+            for precision in a.precision:
+                b = Bench(name, MODELS[name], a, device, Path(tmp), precision)
+                benches[name] = b
+                roof = b.flops / peak
+                print(f"\n## {name} {b.torch_precision()}: {b.params / 1e6:.2f}M params, {b.flops / 1e9:.3f} GFLOP "
+                      f"per image per NFE; roofline {1e3 * roof:.3f} ms per image per NFE ({1 / roof:.0f} images/s "
+                      "at 1 NFE)")
+                print(HEADER, flush=True)
+                done = list(rows)
+                rows += b.run_all(lambda b=b, done=done: write_json(a.json, done + b.rows, benches, peak, peak_dtype,
+                                                                  hw))
+                del b.model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finish(rows, benches, peak)
     print(f"\n## summary (ratios filled in; load average now {os.getloadavg()[0]:.1f})\n{HEADER}")
     for r in rows:
         print(format_row(r))
-    if a.json:
-        a.json.write_text(json.dumps({"peak_flops": peak, "device": hw, "threads": torch.get_num_threads(),
-                                      "models": {k: {"params": v.params, "flops_per_image": v.flops}
-                                                 for k, v in benches.items()},
-                                      "rows": [asdict(r) for r in rows]}, indent=1))
+    write_json(a.json, rows, benches, peak, peak_dtype, hw)
 
+
+def write_json(path: Path | None, rows: list[Row], benches: dict[str, Bench], peak: float, peak_dtype: torch.dtype,
+               hw: str) -> None:
+    """The rows so far as JSON (also after every cell: a run killed by a time limit keeps what it measured)."""
+    if path is None:
+        return
+    finish(rows, benches, peak)
+    path.write_text(json.dumps({"peak_flops": peak, "peak_dtype": str(peak_dtype), "device": hw,
+                                "threads": torch.get_num_threads(),
+                                "models": {k: {"params": v.params, "flops_per_image": v.flops}
+                                           for k, v in benches.items()},
+                                "rows": [asdict(r) for r in rows]}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import time
 
 import torch
 from quickstep.train.core import ModelConfig, build_model
+from quickstep.train.core.networks import exact_autodiff
 
 # the data each preset family trains on: (shape, classes), so a preset's [model] section builds without the data
 DATA_SHAPES = {"digits": ((1, 16, 16), 10), "cifar10": ((3, 32, 32), 10), "gmm2d": ((2,), 0)}
@@ -58,7 +59,7 @@ def jvp_ms(model, cfg: ModelConfig, batch: int, repeats: int, g: torch.Generator
     x, t = torch.randn(batch, *cfg.sample_shape, generator=g), torch.full((batch,), 1.0)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.num_classes else None
     tangents = (torch.ones_like(x), torch.ones_like(t))
-    with torch.no_grad():
+    with torch.no_grad(), exact_autodiff():  # the math attention kernel: fused SDPA has no forward-mode AD
         return time_call(lambda: torch.func.jvp(lambda a, b: model(a, b, y), (x, t), tangents), repeats)
 
 

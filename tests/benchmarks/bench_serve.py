@@ -1,7 +1,8 @@
-"""Serving benchmark on CPU (issue 6 closing note), digits-sized model with random weights.
+"""Serving benchmark (issue 6 closing note; issue 21 for the GPU), digits-sized model with random weights or --bundle.
 
     .venv/bin/python tests/benchmarks/bench_serve.py [--seconds 5] [--requests 200] [--max-wait-ms 5]
-        [--batching on,off] [--max-batch 32] [--threads N]
+        [--batching on,off] [--max-batch 32] [--threads N] [--backend torch --device cuda --bundle DIR]
+        [--server-arg=--torch-dtype=bfloat16 ...] [--json out.json]
 
 Prints p50/p99 latency of one 1-step image through the onnxruntime backend alone and over HTTP (a
 `quickstep-serve` subprocess on 127.0.0.1), and throughput (images/s) with 1 and 32 concurrent clients, for each
@@ -73,14 +74,22 @@ def backend_thread_cpu_s(pid: int) -> float:
 BACKEND_CPU_MS: list[float] = []  # process CPU ms per 1-image backend call (filled by bench_backend)
 
 
-def bench_backend(bundle: Path, n: int, threads: int = 0) -> tuple[float, float, dict[int, float]]:
+def settings_overrides(server_args: list[str]) -> dict:
+    """quickstep-serve flags (--torch-dtype=bfloat16 ...) -> ServeSettings fields, so the in-process backend call runs
+    exactly what the server runs."""
+    from quickstep.serve.cli import build_parser
+
+    return {k: v for k, v in vars(build_parser().parse_args(server_args)).items() if v is not None}
+
+
+def bench_backend(bundle: Path, n: int, threads: int = 0, **settings: object) -> tuple[float, float, dict[int, float]]:
     from quickstep.serve.backends.base import create_backend
     from quickstep.serve.bundle import load_bundle
     from quickstep.serve.service import draw_noise
     from quickstep.serve.settings import ServeSettings
 
     b = load_bundle(bundle)
-    be = create_backend(b, ServeSettings(max_batch=32, intra_op_threads=threads))
+    be = create_backend(b, ServeSettings(**{"max_batch": 32, "intra_op_threads": threads, **settings}))
     be.load()
     be.warmup()
     times = []
@@ -250,13 +259,13 @@ def batch_stats(url: str) -> tuple[float, float]:
     return total, runs
 
 
-def start_server(bundle: Path, port: int, max_wait_ms: float, max_batch: int = 32, threads: int = 0
-                 ) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, max_wait_ms: float, max_batch: int = 32, threads: int = 0,
+                 extra: list[str] | None = None, ready_s: float = 120) -> subprocess.Popen:
     env = {**os.environ, "QUICKSTEP_UI": "false", "QUICKSTEP_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "quickstep.serve.cli", "--bundle", str(bundle), "--port", str(port),
                              "--max-wait-ms", str(max_wait_ms), "--max-batch", str(max_batch),
-                             "--intra-op-threads", str(threads)], env=env)
-    deadline = time.monotonic() + 120
+                             "--intra-op-threads", str(threads), "--no-ui", *(extra or [])], env=env)
+    deadline = time.monotonic() + ready_s
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
@@ -282,6 +291,13 @@ def main() -> None:
     ap.add_argument("--route-requests", type=int, default=200, help="requests per route and round (0: skip the "
                     "per-route overhead table)")
     ap.add_argument("--route-repeats", type=int, default=5, help="rounds of the per-route table (medians)")
+    ap.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "aoti", "tensorrt"))
+    ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--bundle", type=Path, default=None, help="serve this bundle (default: a random digits one)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra quickstep-serve flag (repeatable; "
+                    "also applied to the in-process backend call), e.g. --server-arg=--torch-dtype=bfloat16")
+    ap.add_argument("--ready-s", type=float, default=120.0, help="longest wait for the server to become ready")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = ap.parse_args()
     modes = [m for m in args.batching.split(",") if m]
     if any(m not in ("on", "off") for m in modes):
@@ -290,21 +306,28 @@ def main() -> None:
 
     from tests.helpers import free_port
 
+    server_args = ["--backend", args.backend, "--device", args.device, *args.server_arg]
+    overrides = settings_overrides(server_args)
+    out: dict = {"backend": args.backend, "device": args.device, "server_args": server_args, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bundle = export_bundle(digits_checkpoint(root), root / "bundle", steps=(1, 2))
-        print(f"digits-sized model (UNet 32ch, mult (1,2), attn 8, 16x16, 10 classes), cpu cores={os.cpu_count()}, "
+        bundle = args.bundle or export_bundle(digits_checkpoint(root), root / "bundle", steps=(1, 2))
+        what = "given" if args.bundle else "digits-sized UNet 32ch, mult (1,2), attn 8, 16x16, 10 classes, random weights"
+        print(f"bundle {bundle.name} ({what}), server {' '.join(server_args)}, cpu cores={os.cpu_count()}, "
               f"onnxruntime threads={args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}")
-        p50, p99, per_batch = bench_backend(bundle, args.requests, args.threads)
+        p50, p99, per_batch = bench_backend(bundle, args.requests, args.threads, **overrides)
         be_cpu = float(np.median(BACKEND_CPU_MS))
-        print(f"backend call alone (onnxruntime, 1 image, 1 step):  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
-              f"(CPU time p50 {be_cpu:.2f} ms)")
+        out["backend_call"] = {"p50_ms": p50, "p99_ms": p99, "cpu_p50_ms": be_cpu,
+                               "batch_p50_ms": {str(k): v for k, v in per_batch.items()}}
+        print(f"backend call alone ({args.backend} on {args.device}, 1 image, 1 step):  p50 {p50:.2f} ms  "
+              f"p99 {p99:.2f} ms  (CPU time p50 {be_cpu:.2f} ms)")
         for bsz, ms in per_batch.items():
             print(f"backend call alone, batch {bsz:2d}: p50 {ms:.2f} ms ({ms / bsz:.2f} ms/image)")
         for mode in modes:
             max_batch, max_wait = (args.max_batch, args.max_wait_ms) if mode == "on" else (1, 0.0)
             port = free_port()
-            proc = start_server(bundle, port, max_wait, max_batch, args.threads)
+            proc = start_server(bundle, port, max_wait, max_batch, args.threads, server_args, args.ready_s)
+            rec: dict = out["modes"].setdefault(mode, {"max_batch": max_batch, "max_wait_ms": max_wait})
             url = f"http://127.0.0.1:{port}"
             try:
                 asyncio.run(bench_http(url, 20))  # warm the connection path
@@ -316,6 +339,8 @@ def main() -> None:
                       f"wall overhead over the backend call p50 {h50 - p50:+.2f} ms")
                 print(f"server CPU time per request {srv_cpu:.2f} ms = backend {be_cpu:.2f} ms + HTTP/service "
                       f"{srv_cpu - be_cpu:+.2f} ms")
+                rec.update(http_p50_ms=h50, http_p99_ms=h99, http_overhead_p50_ms=h50 - p50,
+                           server_cpu_ms_per_request=srv_cpu, http_cpu_overhead_ms=srv_cpu - be_cpu)
                 if args.route_requests and mode == modes[0]:
                     table = bench_routes(url, proc.pid, args.route_requests, args.route_repeats)
                     print(f"per route, 1 image, 1 client, median of {args.route_repeats} interleaved rounds of "
@@ -335,9 +360,14 @@ def main() -> None:
                     mean_batch = (b1[0] - b0[0]) / max(1.0, b1[1] - b0[1])
                     print(f"throughput, {clients:2d} concurrent client(s): {ips:7.1f} images/s  (p50 latency "
                           f"{lat50:.1f} ms, mean batch {mean_batch:.1f} images)")
+                    rec[f"clients_{clients}"] = {"images_per_s": ips, "p50_ms": lat50, "mean_batch": mean_batch}
             finally:
                 proc.terminate()
                 proc.wait(30)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variant names")
     ap.add_argument("--stf-ref-batch", type=int, default=1024)
     ap.add_argument("--no-jvp", action="store_true", help="skip the JVP/forward table")
+    ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="auto = on for CUDA")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -98,7 +99,14 @@ def main() -> None:
 
     student = perturb_zero_init(build_model(cfg)).to(device).train()
     teacher = perturb_zero_init(build_model(cfg), seed=1).to(device).eval().requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-5)
+    # the trainer's CUDA defaults (issue 21): channels_last, fused Adam, TF32
+    cl = a.channels_last == "on" or (a.channels_last == "auto" and amp)
+    if cl:
+        student.set_channels_last(True)
+        teacher.set_channels_last(True)
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    opt = torch.optim.Adam(student.parameters(), lr=1e-5, fused=amp)
     g = torch.Generator().manual_seed(0)
     shape = (a.batch, *cfg.sample_shape)
     x = torch.randn(shape, generator=g).clamp(-1, 1).to(device)
@@ -145,7 +153,7 @@ def main() -> None:
     print(f"# bench_training {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | "
           f"{torch.cuda.get_device_name(device) if amp else f'CPU x{os.cpu_count()}'} | model {a.model} "
           f"({n_params / 1e6:.2f}M params) | batch {a.batch} | threads {torch.get_num_threads()} | "
-          f"{'bf16 autocast' if amp else 'fp32'} | clock {'process CPU time' if use_cpu_clock else 'wall'} | "
+          f"{'bf16 autocast, TF32, fused Adam' if amp else 'fp32'}{', channels_last' if cl else ''} | clock {'process CPU time' if use_cpu_clock else 'wall'} | "
           f"load average {os.getloadavg()[0]:.1f}")
     result: dict[str, dict] = {}
     if not a.no_jvp:
@@ -177,6 +185,9 @@ def main() -> None:
             print(f"| {k} | {1e3 * s:.1f} | {s / base:.2f} |")
         result["jvp"] = {k: 1e3 * s for k, s in res.items()}
         student.zero_grad(set_to_none=True)
+        if a.json:  # partial results survive a time limit on the step table
+            a.json.write_text(json.dumps({"model": a.model, "batch": a.batch, "device": str(device),
+                                          "channels_last": cl, "amp": amp, **result}, indent=1))
     res = round_robin({k: make_step(VARIANTS[k]) for k in names}, a.iters, device, clock)
     base = res.get("DSM")
     print("\n| objective | step ms | images/s | x DSM step |\n|---|---:|---:|---:|")
@@ -186,7 +197,8 @@ def main() -> None:
     print(f"\n(load average now {os.getloadavg()[0]:.1f})")
     result["steps"] = {k: 1e3 * s for k, s in res.items()}
     if a.json:
-        a.json.write_text(json.dumps({"model": a.model, "batch": a.batch, "device": str(device), **result}, indent=1))
+        a.json.write_text(json.dumps({"model": a.model, "batch": a.batch, "device": str(device), "channels_last": cl,
+                                      "amp": amp, **result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def test_overrides_parse_toml_values_and_remove_objectives():
     (["fit", "--preset", "nope", "--out", "x"], "valid presets: "),
     (["fit", "--preset", "gmm2d-plain", "--set", "optim.lrr=1", "--out", "x"], "did you mean 'lr'"),
     (["fit", "--preset", "gmm2d-plain", "--set", "objectives.cq.weight=1", "--out", "x"], "valid keys: "),
-    (["fit", "--preset", "gmm2d-plain", "--set", "optim.name=sgd", "--out", "x"], "valid values: adam, radam"),
+    (["fit", "--preset", "gmm2d-plain", "--set", "optim.name=sgd", "--out", "x"], "valid values: adam, adamw, radam"),
     (["fit", "--preset", "gmm2d-plain", "--set", "steps=abc", "--out", "x"], "steps must be an integer"),
     (["fit", "--preset", "gmm2d-plain", "--set", "model.backbone.widht=3", "--out", "x"], "valid keys: hidden"),
     (["fit", "--preset", "gmm2d-fp", "--set", "objectives.fp.divergence=x", "--out", "x"], "allowed: auto"),

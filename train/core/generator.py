@@ -7,6 +7,8 @@ computes the same function of the same inputs.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -19,6 +21,28 @@ def to_uint8_nhwc(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W, C] (round half up after clamping)."""
     y = torch.clamp((x + 1.0) * 127.5 + 0.5, 0.0, 255.0)
     return torch.floor(y).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def inference_copy(model: TrigFlowModel, *, channels_last: bool = False,
+                   dtype: torch.dtype | str | None = None) -> TrigFlowModel:
+    """A frozen eval copy of `model` laid out for fast inference: channels_last (NHWC) activations and/or weights
+    cast to `dtype` (bfloat16: no autocast re-casting the weights every call; the sampler arithmetic around the
+    network stays in the input's dtype, see TrigFlowModel.forward).  The original model is left untouched."""
+    if isinstance(dtype, str):
+        if dtype not in INFERENCE_DTYPES:
+            raise ValueError(f"inference dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+        dtype = INFERENCE_DTYPES[dtype]
+    if dtype is not None and dtype not in INFERENCE_DTYPES.values():
+        raise ValueError(f"inference dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype}")
+    out = copy.deepcopy(model).eval().requires_grad_(False)
+    if dtype is not None:
+        out.backbone.to(dtype)
+    if channels_last:
+        out.set_channels_last(True)
+    return out
 
 
 class ConsistencyGenerator(nn.Module):

@@ -59,8 +59,27 @@ class TrigFlowModel(nn.Module):
 
     # -- TrigFlow view ---------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw network output F_theta(x_t / sigma_d, t, y).  x_t: [B, ...], t: [B] or scalar."""
-        return self.backbone(x_t / self.sigma_data, self._t(t, x_t), class_labels)
+        """The raw network output F_theta(x_t / sigma_d, t, y).  x_t: [B, ...], t: [B] or scalar.
+
+        A backbone cast to another float dtype (bfloat16 weights for inference) gets x in its dtype and t as given
+        (the time embedding computes in >= float32); its output comes back in x_t's dtype."""
+        x_in, t = x_t / self.sigma_data, self._t(t, x_t)
+        wdtype = self.backbone_dtype
+        if wdtype is None or wdtype == x_in.dtype:
+            return self.backbone(x_in, t, class_labels)
+        return self.backbone(x_in.to(wdtype), t, class_labels).to(x_t.dtype)
+
+    @property
+    def backbone_dtype(self) -> torch.dtype | None:
+        """The dtype of the backbone's weights (float32 unless cast); None for a backbone without weights."""
+        p = next(self.backbone.parameters(), None)
+        return None if p is None else p.dtype
+
+    def set_channels_last(self, enabled: bool = True) -> TrigFlowModel:
+        """channels_last (NHWC) weights and activations for a UNet backbone (a no-op for the MLP)."""
+        if hasattr(self.backbone, "set_channels_last"):
+            self.backbone.set_channels_last(enabled)
+        return self
 
     def consistency(self, x_t: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """f_theta(x_t, t) = cos t * x_t - sin t * sigma_d * F_theta(x_t / sigma_d, t)."""

@@ -1,14 +1,29 @@
 """Backbones F(x_in, t, class_labels): a UNet for images and an MLP for vectors.
 
 Both follow the sCM recipe: time enters as c_noise = t through a positional embedding, features are
-modulated by adaptive double normalisation y = norm(x) * pnorm(s(emb)) + pnorm(b(emb)), GroupNorm only,
-attention as plain math (so `torch.func.jvp` works), no in-place ops on activations.
+modulated by adaptive double normalisation y = norm(x) * pnorm(s(emb)) + pnorm(b(emb)), GroupNorm only, no
+in-place ops on activations.
+
+Attention has two kernels computing the same function: `F.scaled_dot_product_attention` (fused flash /
+memory-efficient kernels) and plain math (einsum + softmax).  The default, "auto", takes SDPA on CUDA (forward and
+backward) and the math kernel on CPU, where torch's CPU flash kernel measured 1.08-1.33x slower than the BLAS
+batched matmuls forward and 1.02-1.05x forward + backward at the presets' 64 and 256 tokens
+(tests/benchmarks/bench_fast_path.py, docs/performance.md).  Fused attention has no forward-mode AD and no double
+backward, so the JVP
+(`torch.func.jvp`, dual numbers) and the FP regulariser's double backward select the math kernel explicitly with
+`exact_autodiff()` (which also runs a compiled backbone eagerly).
+
+Layout and precision for fast inference: `UNet.set_channels_last(True)` keeps activations NHWC (channels_last)
+end to end; a module cast to bfloat16 (`module.to(torch.bfloat16)`) runs in bfloat16 without autocast
+re-casting every call (`TrigFlowModel.forward` casts x in and the output back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,8 +183,41 @@ class ResBlock(nn.Module):
         return (h + self.skip(x)) / math.sqrt(2)
 
 
+ATTENTION_KERNELS = ("auto", "sdpa", "math")
+_attention = {"kernel": "auto"}  # process-wide; read at trace time by torch.compile (a guarded global)
+
+
+@contextlib.contextmanager
+def attention_kernel(kernel: str) -> Iterator[None]:
+    """Select the attention kernel inside the block: "sdpa" (F.scaled_dot_product_attention), "math" (einsum +
+    softmax, the only one with forward-mode AD and double backward on CUDA) or "auto" (SDPA on CUDA, math on CPU,
+    where it measured faster).  Restores the previous kernel on exit."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    prev = _attention["kernel"]
+    _attention["kernel"] = kernel
+    try:
+        yield
+    finally:
+        _attention["kernel"] = prev
+
+
+def current_attention_kernel() -> str:
+    return _attention["kernel"]
+
+
+@contextlib.contextmanager
+def exact_autodiff() -> Iterator[None]:
+    """What forward-mode AD and double backward need: the math attention kernel, and compiled modules (a
+    `torch.compile`d backbone) run eagerly (neither functorch transforms nor AOTAutograd's double backward go
+    through compiled graphs)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    with attention_kernel("math"), (stance("force_eager") if stance is not None else contextlib.nullcontext()):
+        yield
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over pixels, written as plain math so forward-mode AD works."""
+    """Multi-head self-attention over pixels: fused SDPA or plain math (see `attention_kernel`)."""
 
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
@@ -184,10 +232,15 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b * self.num_heads, 3, c // self.num_heads, h * w)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B*heads, C/heads, HW]
-        scale = 1.0 / math.sqrt(c // self.num_heads)
-        attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * scale, dim=-1)  # [B*heads, HW, HW]
-        out = torch.einsum("bij,bcj->bci", attn, v).reshape(b, c, h, w)
-        return (x + self.proj(out)) / math.sqrt(2)
+        kernel = _attention["kernel"]
+        if kernel == "math" or (kernel == "auto" and not x.is_cuda):
+            scale = 1.0 / math.sqrt(c // self.num_heads)
+            attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * scale, dim=-1)  # [B*heads, HW, HW]
+            out = torch.einsum("bij,bcj->bci", attn, v)
+        else:  # the same softmax(q^T k / sqrt(C/heads)) v on [B*heads, HW, C/heads]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)
+        return (x + self.proj(out.reshape(b, c, h, w))) / math.sqrt(2)
 
 
 class _Embedder(nn.Module):
@@ -266,7 +319,16 @@ class UNet(nn.Module):
             return x
         return block(x)
 
+    channels_last = False  # set_channels_last(True): NHWC activations (inputs converted on entry)
+
+    def set_channels_last(self, enabled: bool = True) -> UNet:
+        """Convert the 4-D weights to channels_last (or back) and make forward convert its input likewise."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         emb = self.embed(t, class_labels)  # [B, E]
         h = self.conv_in(x)
         hs = [h]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.networks import exact_autodiff
 from .base import Batch, StepContext, register_objective
 from .diffusion import perturb
 
@@ -105,7 +106,8 @@ class FPLoss:
         k = max(1, math.ceil(c.batch_fraction * batch.size))
         y = None if batch.y is None else batch.y[:k]
         device_type = x_sigma.device.type
-        with torch.autocast(device_type=device_type, enabled=False):  # finite differences need float32
+        # finite differences need float32; the double backward needs the math attention kernel, eager (exact_autodiff)
+        with torch.autocast(device_type=device_type, enabled=False), exact_autodiff():
             r, q = fpe_terms(model.edm_score, x_sigma[:k].float(), sigma[:k].float(), y, h_rel=c.h_rel,
                              probe=None if probe is None else probe[:k])  # [k, ...], [k]
         s = sigma[:k].float()

@@ -22,6 +22,7 @@ value, so the gradient is -2 w e^{-u} g . dF_theta/dtheta / D: a pure tangent-fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core import trigflow
+from ..core.networks import exact_autodiff
 from ..core.trigflow import _bcast
 from .base import Batch, StepContext, register_objective
 
@@ -170,7 +172,9 @@ def trigflow_jvp(
     x_t, t, dxdt = _f32(x_t.detach()), _f32(t.detach()), _f32(dxdt.detach())
     cs = torch.cos(t) * torch.sin(t)  # [B]
     device_type = x_t.device.type
-    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False):
+    # forward-mode AD: math attention kernel, eager backbone (exact_autodiff); the finite difference keeps the default
+    kernel = exact_autodiff() if method != "finite_difference" else contextlib.nullcontext()
+    with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), kernel:
         if method == "autograd":
             F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
             return F_minus, cs_dFdt
