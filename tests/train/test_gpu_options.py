@@ -12,7 +12,9 @@ from quickstep.train.config import ConfigError, TrainConfig, build_config
 from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.loop import Trainer
 
-from tests.train.test_loop import _one_thread, tiny_config  # noqa: F401 - _one_thread: the autouse fixture
+from tests.train.test_loop import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUIET = {"every": 1, "ckpt_every": 1000, "tensorboard": False, "progress": False, "samples": False}
 
