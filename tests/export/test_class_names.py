@@ -21,7 +21,7 @@ def test_class_names_reach_the_manifest_and_the_served_bundle(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["class_names"] == ["cat", "dog", "emu"] and manifest["class_aliases"] == {}
     b = load_bundle(out)
-    assert b.class_names == ["cat", "dog", "emu"]
+    assert list(b.class_names) == ["cat", "dog", "emu"]
     assert _class_choices(3, b.class_names) == [RANDOM_CLASS, ("0: cat", "0"), ("1: dog", "1"), ("2: emu", "2")]
     assert _class_choices(2, ["0", "1"]) == [RANDOM_CLASS, ("0", "0"), ("1", "1")]  # digits: no "7: 7"
     assert _class_choices(2) == [RANDOM_CLASS, "0", "1"]
