@@ -75,6 +75,9 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     samples: bool = True
+    # exact consistency-map error E||f - Phi*||^2 per sigma band (consistency students on gmm data), logged at every
+    # log interval for the raw weights and the EMA; noisy points per band (0 = off)
+    map_error_n: int = 256
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,42 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.optim.lr
 
 
+EXACT_TEACHER_PREFIX = "gmm:"  # --teacher gmm:<preset>: the mixture's analytic PF-ODE as the teacher
+
+
+def exact_teacher_name(teacher: str | Path | None) -> str | None:
+    """'ring8' for the teacher spec 'gmm:ring8', None for a checkpoint path; a clear error for an unknown preset."""
+    if not isinstance(teacher, str) or not teacher.startswith(EXACT_TEACHER_PREFIX):
+        return None
+    from .data import GMM_PRESETS
+
+    name = teacher[len(EXACT_TEACHER_PREFIX):]
+    if name not in GMM_PRESETS:
+        raise ValueError(f"unknown exact teacher {teacher!r}; valid: "
+                         f"{', '.join(EXACT_TEACHER_PREFIX + k for k in GMM_PRESETS)} (or a checkpoint directory)")
+    return name
+
+
+def exact_teacher(name: str, sigma_data: float) -> TrigFlowModel:
+    """The mixture `name`'s exact F* wrapped as a frozen TrigFlowModel (`eval.gmm_diagnostics.exact_model`)."""
+    from .data import gmm_preset
+    from .eval.gmm_diagnostics import exact_model
+
+    return exact_model(gmm_preset(name), sigma_data=sigma_data).requires_grad_(False)
+
+
 def teacher_record(teacher: str | Path) -> dict[str, str]:
     """{'path': absolute checkpoint directory, 'sha256': of its model.safetensors}: what a student's config.json
-    records about its teacher, so that `--resume` finds it again (and notices if it changed)."""
+    records about its teacher, so that `--resume` finds it again (and notices if it changed).  An exact mixture
+    teacher is recorded as {'path': 'gmm:<preset>', 'exact': '<preset>'}."""
+    name = exact_teacher_name(teacher)
+    if name is not None:
+        return {"path": f"{EXACT_TEACHER_PREFIX}{name}", "exact": name}
     path = find_checkpoint(teacher).resolve()
     return {"path": str(path), "sha256": ckpt.sha256_file(path / ckpt.WEIGHTS)}
 
 
-def saved_teacher(checkpoint: str | Path) -> Path | None:
+def saved_teacher(checkpoint: str | Path) -> Path | str | None:
     """The teacher recorded in a student checkpoint's config.json, checked to still exist unchanged; None if the
     checkpoint records none.  Raises a CheckpointError naming the path when it is gone or its weights changed."""
     checkpoint = find_checkpoint(checkpoint)
@@ -96,6 +124,8 @@ def saved_teacher(checkpoint: str | Path) -> Path | None:
         rec = {"path": rec}
     if not isinstance(rec, dict) or not rec.get("path"):
         return None
+    if exact_teacher_name(rec["path"]) is not None:
+        return str(rec["path"])
     path = Path(rec["path"])
     hint = "pass --teacher DIR to resume with a teacher checkpoint explicitly"
     if not ((path / ckpt.CONFIG).is_file() and (path / ckpt.WEIGHTS).is_file()):
@@ -239,14 +269,18 @@ class Trainer:
         needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
         if teacher is None and resume is not None and needs:
             teacher = saved_teacher(resume)
+        exact_name = exact_teacher_name(teacher)
         if teacher is not None:
             self.teacher_info = teacher_record(teacher)
+        if teacher is not None and exact_name is None:
             self.teacher = ckpt.load_model(self.teacher_info["path"], which="ema").to(self.device)
             self.teacher.eval().requires_grad_(False)
         # also on resume: the student has the teacher's architecture (the preset's [model] is unused), and _load
-        # then replaces the weights
-        init_from_teacher = (self.teacher is not None and not cfg.init_from and any(
-            getattr(get_objective_spec(n).factory, "init_from_teacher", False) for n in cfg.objectives))
+        # then replaces the weights.  An exact teacher has no weights: the student is the preset's [model] (or
+        # init_from's network, with a fresh logvar head for the objectives that start from a teacher).
+        wants_teacher_init = any(getattr(get_objective_spec(n).factory, "init_from_teacher", False)
+                                 for n in cfg.objectives)
+        init_from_teacher = self.teacher is not None and not cfg.init_from and wants_teacher_init
 
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
         if init_from_teacher:
@@ -259,12 +293,18 @@ class Trainer:
             self.model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
             if tuple(self.model.sample_shape) != tuple(self.spec.shape):
                 raise ValueError(f"init_from model samples {self.model.sample_shape}, data are {self.spec.shape}")
+            if exact_name is not None and wants_teacher_init:
+                from .losses.scm import init_student_from_teacher
+
+                self.model = init_student_from_teacher(self.model, self.model)  # fresh logvar head
         else:
             mcfg: ModelConfig = model_config(cfg, self.spec)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
         self.model.to(self.device).train()
+        if exact_name is not None:
+            self.teacher = exact_teacher(exact_name, self.model.sigma_data).to(self.device)
         self.conditional = self.model.num_classes > 0 and self.data_y is not None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -286,6 +326,14 @@ class Trainer:
         torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
         self.step = 0
         self.skipped_steps = 0  # optimizer updates skipped at an objective's request (see train_step)
+        self.map_probe = None  # [issue 17] exact consistency-map error of a student on mixture data, per log
+        mixture = getattr(dataset, "mixture", None)
+        if (self.rank == 0 and mixture is not None and cfg.log.map_error_n > 0 and self.model.num_classes == 0
+                and any(getattr(o, "sampler", "heun") == "consistency" for o in self.objectives.values())):
+            from .eval.gmm_diagnostics import ConsistencyMapProbe
+
+            self.map_probe = ConsistencyMapProbe(mixture, sigma_data=self.model.sigma_data, n=cfg.log.map_error_n,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + 4242))
         if resume is not None:
             self._load(find_checkpoint(resume))
         elif self.world_size > 1:
@@ -458,6 +506,15 @@ class Trainer:
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"].cpu(), self.device)
 
+    def map_error(self) -> dict[str, float]:
+        """{'map_err/<band>': E||f_theta - Phi*||^2, ..., 'map_err_ema/...'} when a map probe is set, else {}."""
+        if self.map_probe is None:
+            return {}
+        from .eval.gmm_diagnostics import map_error_scalars
+
+        return {**map_error_scalars(self.map_probe(self.model), "map_err"),
+                **map_error_scalars(self.map_probe(self.ema), "map_err_ema")}
+
     # -- samples -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, path: str | Path) -> Path | None:
@@ -517,6 +574,7 @@ class Trainer:
                     rec.update(step=self.step, kimg=self.step * cfg.batch_size / 1000, img_per_s=img_s,
                                time=time.time())
                     acc, n_acc = {}, 0
+                    rec.update(self.map_error())
                     if log_f is not None:
                         log_f.write(json.dumps(rec) + "\n")
                         log_f.flush()

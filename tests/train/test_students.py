@@ -1,0 +1,65 @@
+"""Issue 17: the exact mixture teacher (`--teacher gmm:<preset>`), the map-error probe in training logs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from quickstep.train.core import checkpoint as ckpt
+from quickstep.train.data import gmm_preset
+from quickstep.train.loop import Trainer, exact_teacher_name, saved_teacher
+
+from .test_loop import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("objective", ["scd", "direct_cm", "cd"])
+def test_exact_teacher_drives_distillation_and_is_recorded(objective, tmp_path):
+    cfg = tiny_config({objective: {}}, steps=4, log={"every": 2, "map_error_n": 16})
+    tr = Trainer(cfg, tmp_path / "run", teacher="gmm:ring8")
+    mix = gmm_preset("ring8")
+    x_t, t = torch.randn(32, 2), torch.rand(32) * 1.5 + 0.01
+    # the teacher's velocity is the mixture's exact PF-ODE velocity, through train.core's TrigFlowModel
+    torch.testing.assert_close(tr.teacher.velocity(x_t, t), mix.velocity_trigflow(x_t, t, 0.5), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in tr.teacher.parameters())
+    # the student is the preset's [model] (an exact teacher has no weights to copy)
+    assert tr.model.config.backbone.hidden == 64
+    tr.fit()
+    cfg_json = ckpt.load_config(ckpt.find_checkpoint(tmp_path / "run"))
+    assert cfg_json["teacher"] == {"path": "gmm:ring8", "exact": "ring8"}
+    assert saved_teacher(tmp_path / "run") == "gmm:ring8"  # --resume finds the exact teacher again
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all("map_err_ema/mean" in r and "map_err/sigma_10-80" in r for r in logs)
+    assert all(r["map_err_ema/mean"] > 0 for r in logs)
+    # resume continues with the recorded exact teacher
+    more = Trainer(tiny_config({objective: {}}, steps=6, log={"every": 2, "map_error_n": 16}), tmp_path / "run",
+                   resume=tmp_path / "run")
+    assert exact_teacher_name(more.teacher_info["path"]) == "ring8"
+    more.fit()
+    assert more.step == 6
+
+
+def test_exact_teacher_with_init_from_resets_the_logvar_head(tmp_path):
+    base = Trainer(tiny_config({"stf": {}}, steps=2), tmp_path / "teacher")
+    with torch.no_grad():
+        base.ema.logvar_head.linear.bias.fill_(3.0)
+    base.save()
+    cfg = tiny_config({"scd": {}}, steps=1, init_from=str(tmp_path / "teacher"))
+    tr = Trainer(cfg, tmp_path / "student", teacher="gmm:ring8")
+    x, t = torch.randn(8, 2), torch.rand(8) + 0.1
+    torch.testing.assert_close(tr.model(x, t), base.ema(x, t))  # the network is init_from's EMA
+    assert float(tr.model.logvar(t).detach().abs().max()) == 0.0  # a fresh adaptive-weighting head
+
+
+def test_unknown_exact_teacher_names_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="gmm:ring8"):
+        Trainer(tiny_config({"scd": {}}), tmp_path / "x", teacher="gmm:nope")
+    assert exact_teacher_name("runs/teacher") is None
