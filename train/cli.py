@@ -102,7 +102,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     try:
         path = find_checkpoint(args.ckpt)
-        kind = checkpoint_kind(ckpt.load_config(path))
+        config = ckpt.load_config(path)
+        kind = checkpoint_kind(config)
+        times = ckpt.recorded_times(config)  # the checkpoint's own consistency times, when it records them
         sampler = args.sampler or ("consistency" if kind == "consistency" else "heun")
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]
         if steps < 1:
@@ -128,7 +130,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     eps = torch.randn((args.n, *model.sample_shape), generator=g, device=device)
     with torch.no_grad():
         if sampler == "consistency":
-            x = sample_consistency(model, model.sigma_data * eps, steps=steps, generator=g, class_labels=labels)
+            x = sample_consistency(model, model.sigma_data * eps, steps=steps, ts=times.get(steps), generator=g,
+                                   class_labels=labels)
         else:
             sig = karras_sigmas(steps, device=device)
             if sampler == "heun":

@@ -91,6 +91,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "none"
     init_from: str | None = None  # checkpoint whose EMA weights initialise the model (and its architecture)
+    # consistency students: the 2-step sampler's intermediate time (radians) recorded in every checkpoint
+    # (config.json "consistency_times"; export and serving use it).  None: the core default T_MID = 1.1.
+    t_mid: float | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -239,6 +242,8 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
                           ("log.ckpt_every", cfg.log.ckpt_every)):
         if positive < 1:
             raise ConfigError(f"{key} must be >= 1, got {positive}")
+    if cfg.t_mid is not None and not 0.0 < cfg.t_mid < 1.56:
+        raise ConfigError(f"t_mid must be a time in radians in (0, 1.56) (sigma = sigma_d tan t_mid), got {cfg.t_mid}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device = {cfg.device!r} is not valid; valid values: auto, cpu, cuda, cuda:N")
     return dataclasses.replace(cfg, objectives=objectives)

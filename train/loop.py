@@ -474,6 +474,13 @@ class Trainer:
                      "metrics": metrics or {}, "objectives": sorted(self.objectives)}
             if self.teacher_info is not None:
                 extra["teacher"] = self.teacher_info
+            if self.cfg.t_mid is not None and any(getattr(o, "sampler", "heun") == "consistency"
+                                                  for o in self.objectives.values()):
+                from .core.trigflow import consistency_times
+
+                sd = self.model.sigma_data
+                extra[ckpt.TIMES_KEY] = {str(k): consistency_times(k, sigma_data=sd, t_mid=self.cfg.t_mid)
+                                         for k in (1, 2)}
             path = ckpt.save_checkpoint(self.out_dir / f"{CKPT_PREFIX}{self.step:07d}", self.model, ema=self.ema,
                                         extra_config=extra, state=state)
             keep = self.cfg.log.keep_checkpoints

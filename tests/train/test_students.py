@@ -63,3 +63,30 @@ def test_unknown_exact_teacher_names_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="gmm:ring8"):
         Trainer(tiny_config({"scd": {}}), tmp_path / "x", teacher="gmm:nope")
     assert exact_teacher_name("runs/teacher") is None
+
+
+def test_t_mid_is_recorded_by_the_trainer_and_by_the_eval_sweep(tmp_path):
+    from quickstep.train.core.trigflow import t_max
+    from quickstep.train.eval.report import T_MID_GRID, evaluate_checkpoint
+
+    cfg = tiny_config({"sct": {}}, steps=2, t_mid=0.6, log={"map_error_n": 0})
+    tr = Trainer(cfg, tmp_path / "run")
+    assert tr.map_probe is None  # map_error_n = 0 turns the probe off
+    tr.fit()
+    path = ckpt.find_checkpoint(tmp_path / "run")
+    tm = t_max()
+    assert ckpt.recorded_times(ckpt.load_config(path)) == {1: [tm], 2: [tm, 0.6]}
+    rep = evaluate_checkpoint(path, n=64, out=tmp_path / "eval", diagnostics_n=8, progress=False,
+                              sweep_t_mid=True, record_times=True)
+    chosen = rep["t_mid_sweep"]["chosen"]
+    assert chosen in T_MID_GRID and len(rep["t_mid_sweep"]["scores"]) == len(T_MID_GRID)
+    assert rep["t_mid_sweep"]["scores"][T_MID_GRID.index(chosen)] == min(rep["t_mid_sweep"]["scores"])
+    assert ckpt.recorded_times(ckpt.load_config(path))[2] == [tm, chosen]
+    assert rep["times"]["2"] == [tm, chosen]
+
+
+def test_t_mid_out_of_range_is_a_config_error():
+    from quickstep.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="t_mid"):
+        tiny_config({"sct": {}}, t_mid=1.7)
