@@ -7,8 +7,8 @@ code (safetensors + JSON; state.pt with `weights_only=True`).
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import re
 import shutil
