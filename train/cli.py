@@ -41,7 +41,7 @@ def _fail(msg: str) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .config import build_config, load_preset
     from .core.checkpoint import CheckpointError
-    from .loop import NonFiniteLossError, Trainer, config_from_checkpoint
+    from .loop import NonFiniteLossError, Trainer, config_from_checkpoint, data_std
 
     if args.resume:
         if args.preset or args.data or args.set:
@@ -66,7 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         d = cfg.data
         ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
                           **dict(d.options))
-        mc = model_config(cfg, ds.spec)
+        mc = model_config(cfg, ds.spec, data_std=data_std(ds.x))
         from .core.model import build_model
 
         n_params = sum(p.numel() for p in build_model(mc).parameters())

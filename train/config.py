@@ -39,7 +39,9 @@ class ModelSection:
     """The network: backbone kind and its hyper-parameters; data-derived sizes are filled in from the data."""
 
     kind: str = "mlp"  # "mlp" | "unet"
-    sigma_data: float = 0.5
+    # the data std the TrigFlow preconditioning assumes; "auto" = measured from the training data at the start of
+    # fit (saved with the checkpoint like any other value)
+    sigma_data: float | str = 0.5
     logvar_channels: int = 64  # 0 disables adaptive weighting
     conditional: bool = True  # use class labels when the data has them
     backbone: dict[str, Any] = field(default_factory=dict)  # fields of MLPConfig / UNetConfig
@@ -242,6 +244,9 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
                           ("log.ckpt_every", cfg.log.ckpt_every)):
         if positive < 1:
             raise ConfigError(f"{key} must be >= 1, got {positive}")
+    sd = cfg.model.sigma_data
+    if isinstance(sd, str) and sd != "auto" or not isinstance(sd, str) and not sd > 0:
+        raise ConfigError(f'model.sigma_data must be a positive number or "auto", got {sd!r}')
     if cfg.t_mid is not None and not 0.0 < cfg.t_mid < 1.56:
         raise ConfigError(f"t_mid must be a time in radians in (0, 1.56) (sigma = sigma_d tan t_mid), got {cfg.t_mid}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
@@ -249,9 +254,15 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(cfg, objectives=objectives)
 
 
-def model_config(cfg: TrainConfig, spec: Any) -> ModelConfig:
-    """The ModelConfig of the run: the [model] section plus sizes and classes taken from the data spec."""
+def model_config(cfg: TrainConfig, spec: Any, data_std: float | None = None) -> ModelConfig:
+    """The ModelConfig of the run: the [model] section plus sizes and classes taken from the data spec;
+    `model.sigma_data = "auto"` takes `data_std` (the measured std of the training data)."""
     m = cfg.model
+    sigma_data = m.sigma_data
+    if sigma_data == "auto":
+        if data_std is None:
+            raise ConfigError('model.sigma_data = "auto" needs the data: its std is measured at the start of fit')
+        sigma_data = round(float(data_std), 6)
     nc = spec.num_classes if m.conditional else 0
     b = dict(m.backbone)
     try:
@@ -270,7 +281,7 @@ def model_config(cfg: TrainConfig, spec: Any) -> ModelConfig:
             backbone = UNetConfig(img_channels=spec.shape[0], img_resolution=spec.shape[1], num_classes=nc, **b)
     except TypeError as e:
         raise ConfigError(f"model.backbone: {e}") from e
-    return ModelConfig(backbone=backbone, sigma_data=m.sigma_data, logvar_channels=m.logvar_channels)
+    return ModelConfig(backbone=backbone, sigma_data=float(sigma_data), logvar_channels=m.logvar_channels)
 
 
 # ----------------------------------------------------------------------------------------------- presets

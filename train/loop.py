@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,24 @@ from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objecti
 
 CKPT_PREFIX = ckpt.CKPT_PREFIX
 find_checkpoint = ckpt.find_checkpoint  # a run directory -> its latest checkpoint
+
+
+class DataScaleWarning(UserWarning):
+    """The training data's std is far from the model's sigma_data (the TrigFlow preconditioning assumes them equal)."""
+
+
+def data_std(x: torch.Tensor) -> float:
+    """The std of the training data over every element (what sigma_data should match)."""
+    return float(x.detach().to(torch.float64).std())
+
+
+def data_scale_message(std: float, sigma_data: float, factor: float = 2.0) -> str | None:
+    """A warning text when std and sigma_data differ by more than `factor` either way, else None."""
+    if std > 0 and max(std / sigma_data, sigma_data / std) <= factor:
+        return None
+    return (f"the training data's std is {std:.4g} but model.sigma_data is {sigma_data:g} (more than {factor:g}x "
+            f"apart): the TrigFlow preconditioning assumes data of std sigma_data, and sampling quality suffers. "
+            f"Rescale the data, set model.sigma_data = {std:.3g}, or use model.sigma_data = \"auto\".")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -298,11 +317,15 @@ class Trainer:
 
                 self.model = init_student_from_teacher(self.model, self.model)  # fresh logvar head
         else:
-            mcfg: ModelConfig = model_config(cfg, self.spec)
+            mcfg: ModelConfig = model_config(cfg, self.spec, data_std=data_std(self.dataset.x))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
         self.model.to(self.device).train()
+        self.data_std = data_std(self.dataset.x)  # [issue 17] sigma_data should match it
+        msg = data_scale_message(self.data_std, self.model.sigma_data)
+        if msg is not None and self.rank == 0 and resume is None:
+            warnings.warn(msg, DataScaleWarning, stacklevel=2)
         if exact_name is not None:
             self.teacher = exact_teacher(exact_name, self.model.sigma_data).to(self.device)
         self.conditional = self.model.num_classes > 0 and self.data_y is not None

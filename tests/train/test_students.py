@@ -90,3 +90,32 @@ def test_t_mid_out_of_range_is_a_config_error():
 
     with pytest.raises(ConfigError, match="t_mid"):
         tiny_config({"sct": {}}, t_mid=1.7)
+
+
+def test_data_scale_warning_names_the_measured_std_and_auto_fixes_it(tmp_path):
+    import warnings
+
+    from quickstep.train.data import Dataset, DataSpec
+    from quickstep.train.loop import DataScaleWarning, data_scale_message
+
+    g = torch.Generator().manual_seed(0)
+    x = 1.5 * torch.randn(2000, 2, generator=g)  # std 1.5 = 3x sigma_data 0.5
+    ds = Dataset(x, None, DataSpec("vector", (2,), 0, "wide"))
+    with pytest.warns(DataScaleWarning, match=r"std is 1\.[45]\d* but model\.sigma_data is 0\.5"):
+        Trainer(tiny_config({"sct": {}}, steps=1), tmp_path / "a", dataset=ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataScaleWarning)
+        tr = Trainer(tiny_config({"sct": {}}, steps=1, model={"sigma_data": "auto"}), tmp_path / "b", dataset=ds)
+        tr.fit()
+    assert tr.model.sigma_data == pytest.approx(float(x.double().std()), rel=1e-5)
+    saved = ckpt.load_model(ckpt.find_checkpoint(tmp_path / "b"))
+    assert saved.sigma_data == pytest.approx(tr.model.sigma_data)  # saved with the checkpoint
+    assert data_scale_message(0.9, 0.5) is None and data_scale_message(1.01, 0.5) is not None
+    assert data_scale_message(0.24, 0.5) is not None
+
+
+def test_sigma_data_must_be_a_number_or_auto():
+    from quickstep.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match='"auto"'):
+        tiny_config({"sct": {}}, model={"sigma_data": "measure"})
