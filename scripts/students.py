@@ -105,11 +105,20 @@ def teacher_dir(mixture: str, steps: int) -> Path:
 
 
 def quality(samples: torch.Tensor, mixture, seed: int) -> dict[str, float]:
-    from quickstep.train.eval.gmm_diagnostics import sample_quality
+    """Sliced W1/W2 (256 directions) to fresh data and the mean exact log-likelihood, with the floors a fresh true
+    sample of the same size gets (as `eval.gmm_diagnostics.sample_quality`, without its O(n^2) MMD)."""
+    from quickstep.train.eval.metrics import sliced_wasserstein
 
-    q = sample_quality(samples, mixture, generator=torch.Generator().manual_seed(seed))
-    return {"sliced_w1": q.sliced_w1, "sliced_w2": q.sliced_w2, "log_likelihood": q.log_likelihood,
-            "floor_sliced_w1": q.true_sliced_w1, "floor_log_likelihood": q.true_log_likelihood}
+    g = torch.Generator().manual_seed(seed)
+    n = samples.shape[0]
+    x = samples.detach().to(torch.float64)
+    ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
+
+    def sw(a, p):
+        return sliced_wasserstein(a, ref, generator=torch.Generator().manual_seed(1), p=p)
+
+    return {"sliced_w1": sw(x, 1), "sliced_w2": sw(x, 2), "log_likelihood": float(mixture.log_prob(x).mean()),
+            "floor_sliced_w1": sw(floor, 1), "floor_log_likelihood": float(mixture.log_prob(floor).mean())}
 
 
 def consistency_samples(model, n: int, seed: int, ts: list[float]) -> torch.Tensor:
@@ -171,15 +180,20 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     teacher = None if teacher_kind is None else (str(tdir) if teacher_kind == "trained" else f"gmm:{mixture_name}")
     cfg = _config(preset, mixture_name, seed, steps, sets)
     out = RUNS / mixture_name / f"{name}-s{seed}"
-    if out.exists():
-        import shutil
+    done = out / f"step-{steps:07d}"
+    if (done / "config.json").exists() and (out / "wall_seconds.txt").exists():
+        wall = float((out / "wall_seconds.txt").read_text())  # trained already: evaluate only
+    else:
+        if out.exists():
+            import shutil
 
-        shutil.rmtree(out)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    tr = Trainer(cfg, out, teacher=teacher)
-    tr.fit()
-    wall = time.perf_counter() - t0
+            shutil.rmtree(out)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        tr = Trainer(cfg, out, teacher=teacher)
+        tr.fit()
+        wall = time.perf_counter() - t0
+        (out / "wall_seconds.txt").write_text(f"{wall:.2f}\n")
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "time": r["time"] - log[0]["time"], **{k: v for k, v in r.items()
              if k.startswith("map_err")}} for r in log]
@@ -198,6 +212,45 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     return dest
 
 
+@torch.no_grad()
+def weighting_analysis(run_dir: Path, mixture_name: str, n: int = 2048) -> list[dict[str, float]]:
+    """Per sigma (band centres): the learned log-variance u(t) of a trained sCM student (raw weights), the mean
+    normalised-tangent MSE E||g_n||^2 / D at that t (what e^u tracks) and the raw tangent RMS, with the run's own
+    velocity (sCD: its teacher; sCT: the conditional velocity).  The effective per-t gradient scale is e^-u."""
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.core.trigflow import sigma_to_t
+    from quickstep.train.data import gmm_preset
+    from quickstep.train.loop import exact_teacher, exact_teacher_name, saved_teacher
+    from quickstep.train.losses.scm import SCMConfig, per_sample_norm, scm_step, scm_velocity_scd
+
+    path = ckpt.find_checkpoint(run_dir)
+    conf = ckpt.load_config(path)
+    model = ckpt.load_model(path, which="raw").eval()
+    name = next(iter(conf["train"]["objectives"]))
+    obj = conf["train"]["objectives"][name]
+    cfg = SCMConfig(**{k: v for k, v in obj.items() if k in SCMConfig.__dataclass_fields__})
+    teacher = None
+    if name == "scd":
+        tspec = saved_teacher(path)
+        teacher = (exact_teacher(exact_teacher_name(tspec), model.sigma_data) if exact_teacher_name(tspec)
+                   else ckpt.load_model(tspec).eval())
+    mix = gmm_preset(mixture_name)
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for sigma in (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0):
+        t = torch.full((n,), float(sigma_to_t(sigma, model.sigma_data)))
+        x0 = mix.sample(n, g)
+        z = model.sigma_data * torch.randn(n, mix.dim, generator=g)
+        dxdt = None if teacher is None else scm_velocity_scd(teacher, x0 * torch.cos(t)[:, None] +
+                                                              z * torch.sin(t)[:, None], t)
+        with torch.enable_grad():
+            out = scm_step(model, x0, z, t, dxdt, cfg, r=1.0)
+        rows.append({"sigma": sigma, "t": float(t[0]), "logvar": float(model.logvar(t[:1])[0]),
+                     "mse_normalised": float(out.mse.mean()),
+                     "g_raw_rms": float(per_sample_norm(out.g_raw, "rms").mean())})
+    return rows
+
+
 def _ms(vals: list[float]) -> str:
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     if not vals:
@@ -209,7 +262,7 @@ def _ms(vals: list[float]) -> str:
 
 def summary(mixture: str) -> str:
     """A markdown table of every recipe run so far on `mixture` (mean ± std over seeds)."""
-    files = sorted((OUT / mixture).glob("*.json"))
+    files = sorted(f for f in (OUT / mixture).glob("*.json") if not f.name.startswith("weighting-"))
     by: dict[str, list[dict[str, Any]]] = {}
     for f in files:
         r = json.loads(f.read_text())
@@ -232,6 +285,50 @@ def summary(mixture: str) -> str:
     return "\n".join(lines)
 
 
+def plots(mixtures: list[str]) -> list[Path]:
+    """PNG per mixture: the EMA's exact-map error (mean over bands) against steps and against wall time, one line
+    per recipe (mean over seeds, band = min..max), written to docs/results/students/<mixture>-map-error.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for mixture in mixtures:
+        by: dict[str, list[dict[str, Any]]] = {}
+        for f in sorted((OUT / mixture).glob("*.json")):
+            if f.name.startswith("weighting-"):
+                continue
+            r = json.loads(f.read_text())
+            by.setdefault(r["recipe"], []).append(r)
+        if not by:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, rs in sorted(by.items()):
+            n = min(len(r["curve"]) for r in rs)
+            steps = [rs[0]["curve"][i]["step"] for i in range(n)]
+            secs = [statistics.mean(r["curve"][i]["time"] * r["train_seconds"] / max(r["curve"][-1]["time"], 1e-9)
+                                    for r in rs) for i in range(n)]
+            vals = [[r["curve"][i]["map_err_ema/mean"] for r in rs] for i in range(n)]
+            mean = [statistics.mean(v) for v in vals]
+            for ax, x in ((axes[0], steps), (axes[1], secs)):
+                line, = ax.plot(x, mean, label=f"{name} ({len(rs)} seeds)")
+                ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=line.get_color())
+        for ax, xl in ((axes[0], "training step"), (axes[1], "training wall time (s, 2 shared CPU cores)")):
+            ax.set_yscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel("E||f_ema - Phi*||^2 (mean over sigma bands)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{mixture}: exact consistency-map error of the EMA student")
+        fig.tight_layout()
+        path = OUT / f"{mixture}-map-error.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mixture", default="ring8")
@@ -241,8 +338,24 @@ def main() -> int:
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--n", type=int, default=8000)
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--plots", action="store_true", help="write the map-error plots of --mixture (comma-separated)")
+    p.add_argument("--analyse", nargs="*", metavar="RUN", help="weighting analysis of trained sCM runs (run names "
+                   "under runs/students/<mixture>/, e.g. scd-s0); writes <mixture>/weighting-<run>.json")
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.analyse:
+        for run in a.analyse:
+            rows = weighting_analysis(RUNS / a.mixture / run, a.mixture)
+            (OUT / a.mixture / f"weighting-{run}.json").write_text(json.dumps(rows, indent=1))
+            print(run)
+            for r in rows:
+                print(f"  sigma {r['sigma']:6g}  u {r['logvar']:+.3f}  e^-u {math.exp(-r['logvar']):8.3g}  "
+                      f"E|g_n|^2/D {r['mse_normalised']:.3g}  g_raw_rms {r['g_raw_rms']:.3g}")
+        return 0
+    if a.plots:
+        for path in plots(a.mixture.split(",")):
+            print(path.relative_to(ROOT))
+        return 0
     if a.summary:
         print(summary(a.mixture))
         return 0
