@@ -34,8 +34,9 @@ T_MID_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 RECIPES: dict[str, tuple[str, str | None, bool, list[str]]] = {
     "sct": ("gmm2d-sct", None, False, []),
     "sct-init": ("gmm2d-sct", None, True, []),
-    "scd": ("gmm2d-scd", "trained", False, []),
-    "scd-exact": ("gmm2d-scd", "exact", True, []),
+    # "scd": the recipe as landed before issue 17 (learned adaptive weighting on); "+noaw" is the fixed preset
+    "scd": ("gmm2d-scd", "trained", False, ["objectives.scd.adaptive_weighting=true"]),
+    "scd-exact": ("gmm2d-scd", "exact", True, ["objectives.scd.adaptive_weighting=true"]),
     "direct-cm": ("gmm2d-direct-cm", "trained", False, []),
     "cd": ("gmm2d-cd", "trained", False, []),
     "direct-cm-exact": ("gmm2d-direct-cm", "exact", True, []),

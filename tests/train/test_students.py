@@ -119,3 +119,30 @@ def test_sigma_data_must_be_a_number_or_auto():
 
     with pytest.raises(ConfigError, match='"auto"'):
         tiny_config({"sct": {}}, model={"sigma_data": "measure"})
+
+
+def test_adaptive_weighting_switch():
+    """adaptive_weighting = false: loss = mean_d (F - F- - g)^2 (u = 0) and the logvar head gets no gradient."""
+    from quickstep.train.core.model import build_model
+    from quickstep.train.losses.scm import SCMConfig, scm_step
+
+    from .test_loop import tiny_config as _cfg
+
+    cfg = _cfg({"sct": {}})
+    from quickstep.train.config import model_config
+    from quickstep.train.data import load_dataset
+
+    ds = load_dataset("gmm", seed=0, preset="ring8", n=64)
+    model = build_model(model_config(cfg, ds.spec))
+    with torch.no_grad():
+        model.logvar_head.linear.bias.fill_(0.7)
+    g = torch.Generator().manual_seed(0)
+    x0, z, t = ds.x[:32], 0.5 * torch.randn(32, 2, generator=g), torch.rand(32, generator=g) + 0.1
+    on = scm_step(model, x0, z, t, None, SCMConfig(), r=1.0)
+    off = scm_step(model, x0, z, t, None, SCMConfig(adaptive_weighting=False), r=1.0)
+    torch.testing.assert_close(off.loss, off.mse)
+    torch.testing.assert_close(on.loss, torch.exp(torch.tensor(-0.7)) * on.mse + 0.7)
+    off.loss.mean().backward()
+    assert model.logvar_head.linear.bias.grad is None
+    on.loss.mean().backward()
+    assert model.logvar_head.linear.bias.grad is not None
