@@ -83,6 +83,9 @@ def test_t_mid_is_recorded_by_the_trainer_and_by_the_eval_sweep(tmp_path):
     assert rep["t_mid_sweep"]["scores"][T_MID_GRID.index(chosen)] == min(rep["t_mid_sweep"]["scores"])
     assert ckpt.recorded_times(ckpt.load_config(path))[2] == [tm, chosen]
     assert rep["times"]["2"] == [tm, chosen]
+    # eval reports the exact consistency-map error per sigma band for students on mixture data
+    assert len(rep["map_error"]) == 7 and all(b["n"] == 8 and b["mean"] > 0 for b in rep["map_error"])
+    assert "consistency-map error" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_t_mid_out_of_range_is_a_config_error():

@@ -5,10 +5,10 @@ sample grids).  Every quality number sits next to its NFE and wall time per imag
 What is measured depends on the checkpoint and its data set (read from the checkpoint's config.json):
 - kind: a consistency student (objectives sct/scd/direct_cm/cd) is sampled with the sCM 1-/2-/multi-step
   sampler (NFE = steps); a diffusion teacher with deterministic Heun (NFE = 2 steps - 1; default 18 -> 35).
-- gmm data (analytic mixture): log-likelihood of the samples under the true density, sliced W2 and MMD^2; for
+- gmm data (analytic mixture): log-likelihood of the samples under the true density, sliced W1/W2 and MMD^2; for
   teachers the exact per-sigma diagnostics (score error, score-FPE residual, CP violation), the NLL of test
   data via the PF-ODE, and STF-vs-DSM target variance; for students the ODE error against the exact PF-ODE
-  (and against `teacher` when given).
+  (and against `teacher` when given) and the exact consistency-map error per sigma band.
 - digits: FD, KID and precision/recall in the shipped classifier's features against the digits train split,
   class accuracy of class-conditional samples; for teachers bits/dim on test images (Hutchinson); for
   students the ODE error against `teacher` when given.
@@ -261,6 +261,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         if report.get(key):
             items = report[key] if isinstance(report[key], list) else [report[key]]
             lines += [f"## {title}", "", markdown_table(items, list(items[0])), ""]
+    if report.get("map_error"):
+        lines += ["## Exact consistency-map error E||f(x_t, t) - Phi*(x_t, t)||^2 per sigma band", "",
+                  markdown_table(report["map_error"], list(report["map_error"][0])), ""]
+    if report.get("times"):
+        lines += ["Consistency sampler times: " + ", ".join(f"{k} step(s): {[round(t, 4) for t in v]}"
+                                                            for k, v in report["times"].items()), ""]
     if report.get("diagnostics"):
         lines += ["## Exact per-sigma diagnostics (Gaussian mixture)", ""]
         for name, vals in report["diagnostics"].items():
@@ -444,6 +450,12 @@ def evaluate_checkpoint(
                          **ode_error(model, tm, eps, class_labels=labels).to_dict()})
         if rows:
             report["ode_error"] = rows
+        if mixture is not None and model.num_classes == 0:
+            from .gmm_diagnostics import consistency_map_error
+
+            bands = consistency_map_error(model.cpu(), mixture, n=diagnostics_n, generator=g)
+            model.to(device)
+            report["map_error"] = [b.to_dict() for b in bands]
         bar.update(1)
     bar.close()
 
