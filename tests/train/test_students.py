@@ -10,15 +10,7 @@ from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.data import gmm_preset
 from quickstep.train.loop import Trainer, exact_teacher_name, saved_teacher
 
-from .test_loop import tiny_config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from .test_loop import _one_thread, tiny_config  # noqa: F401 - the autouse one-thread fixture applies here too
 
 
 @pytest.mark.parametrize("objective", ["scd", "direct_cm", "cd"])
@@ -129,9 +121,7 @@ def test_adaptive_weighting_switch():
     from quickstep.train.core.model import build_model
     from quickstep.train.losses.scm import SCMConfig, scm_step
 
-    from .test_loop import tiny_config as _cfg
-
-    cfg = _cfg({"sct": {}})
+    cfg = tiny_config({"sct": {}})
     from quickstep.train.config import model_config
     from quickstep.train.data import load_dataset
 
