@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
     f.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue exactly")
-    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation; "
+    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation, or "
+                   "gmm:<preset> for a Gaussian mixture's exact PF-ODE (e.g. gmm:ring8); "
                    "--resume reuses the teacher recorded in the checkpoint when this is not given")
     f.add_argument("--dry-run", action="store_true", help="print the resolved config and model size; no training")
     f.set_defaults(func=cmd_fit)
