@@ -24,6 +24,7 @@ from quickstep.train.core.checkpoint import (
     load_config,
     load_model,
     load_weights,
+    recorded_times,
     sha256_file,
 )
 
@@ -156,9 +157,12 @@ def refresh_files(bundle: str | Path, manifest: dict[str, Any]) -> dict[str, Any
 
 
 # ----------------------------------------------------------------------------------------------- export
-def _graph_specs(model, kind: str, steps: Sequence[int], heun_steps: Sequence[int]) -> list[GraphSpec]:
+def _graph_specs(model, kind: str, steps: Sequence[int], heun_steps: Sequence[int],
+                 times: dict[int, list[float]] | None = None) -> list[GraphSpec]:
+    """The generator graphs; consistency graphs bake in the checkpoint's recorded sampler times when it has them."""
     if kind == "consistency":
-        return [consistency_graph(model, s) for s in check_consistency_steps(steps)]
+        times = times or {}
+        return [consistency_graph(model, s, ts=times.get(s)) for s in check_consistency_steps(steps)]
     return [heun_graph(model, n) for n in check_heun_steps(heun_steps)]
 
 
@@ -199,7 +203,11 @@ def export_bundle(
         raise ExportError(f"cannot export {str(ckpt_dir)!r}: {e}") from e
     require_image_model(model)
     kind = detect_kind(cfg, kind)
-    specs = _graph_specs(model, kind, steps, heun_steps)
+    try:
+        times = recorded_times(cfg)
+    except CheckpointError as e:
+        raise ExportError(f"cannot export {str(ckpt_dir)!r}: {e}") from e
+    specs = _graph_specs(model, kind, steps, heun_steps, times)
     precision = "fp16" if fp16 else "fp32"
     num_classes = model.num_classes
     batches = [int(b) for b in parity_batches]
@@ -293,5 +301,6 @@ def bundle_graph_specs(bundle: str | Path, manifest: dict[str, Any], model=None)
     model = model if model is not None else bundle_model(bundle)
     keys = sorted(manifest.get("graphs", {}), key=int)
     if manifest.get("kind") == "consistency":
-        return [consistency_graph(model, int(k)) for k in keys]
+        times = manifest.get("times") or {}
+        return [consistency_graph(model, int(k), ts=times.get(k)) for k in keys]
     return [heun_graph(model, int(k)) for k in keys]

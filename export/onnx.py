@@ -123,15 +123,16 @@ def _io(model: TrigFlowModel) -> tuple[tuple[int, int, int], bool]:
     return (cfg.img_channels, cfg.img_resolution, cfg.img_resolution), model.num_classes > 0
 
 
-def consistency_graph(model: TrigFlowModel, steps: int) -> GraphSpec:
-    """sCM 1- or 2-step sampler: noise[, noise2][, class_labels] -> images (uint8 NHWC)."""
+def consistency_graph(model: TrigFlowModel, steps: int, ts: list[float] | None = None) -> GraphSpec:
+    """sCM 1- or 2-step sampler: noise[, noise2][, class_labels] -> images (uint8 NHWC); `ts` are the sampler's
+    times (the checkpoint's recorded ones; None = the core defaults)."""
     (c, h, w), cond = _io(model)
     inputs = [TensorSpec("noise", "float32", ("batch", c, h, w))]
     inputs += [TensorSpec(f"noise{k + 1}", "float32", ("batch", c, h, w)) for k in range(1, steps)]
     if cond:
         inputs.append(TensorSpec("class_labels", "int64", ("batch",)))
     out = (TensorSpec("images", "uint8", ("batch", h, w, c)),)
-    return GraphSpec(str(steps), f"generator_{steps}step.onnx", ConsistencyGenerator(model, steps).eval(),
+    return GraphSpec(str(steps), f"generator_{steps}step.onnx", ConsistencyGenerator(model, steps, ts=ts).eval(),
                      tuple(inputs), out, "generator")
 
 

@@ -44,7 +44,7 @@ def _fail(msg: str) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .config import build_config, load_preset
     from .core.checkpoint import CheckpointError
-    from .loop import NonFiniteLossError, Trainer, config_from_checkpoint
+    from .loop import NonFiniteLossError, Trainer, config_from_checkpoint, data_std
 
     if args.resume:
         if args.preset or args.data or args.set:
@@ -69,7 +69,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         d = cfg.data
         ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution, crop=d.crop,
                           stream=True, **dict(d.options))
-        mc = model_config(cfg, ds.spec)
+        mc = model_config(cfg, ds.spec, data_std=data_std(ds))
         from .core.model import build_model
 
         n_params = sum(p.numel() for p in build_model(mc).parameters())
@@ -105,7 +105,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     try:
         path = find_checkpoint(args.ckpt)
-        kind = checkpoint_kind(ckpt.load_config(path))
+        config = ckpt.load_config(path)
+        kind = checkpoint_kind(config)
+        times = ckpt.recorded_times(config)  # the checkpoint's own consistency times, when it records them
         sampler = args.sampler or ("consistency" if kind == "consistency" else "heun")
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]
         if steps < 1:
@@ -131,7 +133,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     eps = torch.randn((args.n, *model.sample_shape), generator=g, device=device)
     with torch.no_grad():
         if sampler == "consistency":
-            x = sample_consistency(model, model.sigma_data * eps, steps=steps, generator=g, class_labels=labels)
+            x = sample_consistency(model, model.sigma_data * eps, steps=steps, ts=times.get(steps), generator=g,
+                                   class_labels=labels)
         else:
             sig = karras_sigmas(steps, device=device)
             if sampler == "heun":
@@ -201,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
     f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
     f.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue exactly")
-    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation; "
+    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation, or "
+                   "gmm:<preset> for a Gaussian mixture's exact PF-ODE (e.g. gmm:ring8); "
                    "--resume reuses the teacher recorded in the checkpoint when this is not given")
     f.add_argument("--dry-run", action="store_true", help="print the resolved config and model size; no training")
     f.set_defaults(func=cmd_fit)

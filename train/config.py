@@ -43,7 +43,9 @@ class ModelSection:
     """The network: backbone kind and its hyper-parameters; data-derived sizes are filled in from the data."""
 
     kind: str = "mlp"  # "mlp" | "unet"
-    sigma_data: float = 0.5
+    # the data std the TrigFlow preconditioning assumes; "auto" = measured from the training data at the start of
+    # fit (saved with the checkpoint like any other value)
+    sigma_data: float | str = 0.5
     logvar_channels: int = 64  # 0 disables adaptive weighting
     conditional: bool = True  # use class labels when the data has them
     backbone: dict[str, Any] = field(default_factory=dict)  # fields of MLPConfig / UNetConfig
@@ -80,6 +82,9 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     samples: bool = True
+    # exact consistency-map error E||f - Phi*||^2 per sigma band (consistency students on gmm data), logged at every
+    # log interval for the raw weights and the EMA; noisy points per band (0 = off)
+    map_error_n: int = 256
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone (the exact JVP and FP's double backward run it eagerly)
     max_seconds: float = 0.0  # > 0: the step that ends past this wall time is the last (logged, checkpointed)
     init_from: str | None = None  # checkpoint whose EMA weights initialise the model (and its architecture)
+    # consistency students: the 2-step sampler's intermediate time (radians) recorded in every checkpoint
+    # (config.json "consistency_times"; export and serving use it).  None: the core default T_MID = 1.1.
+    t_mid: float | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -252,14 +260,25 @@ def build_config(d: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.workers must be >= 0 (0 = decode in the training process), got {cfg.data.workers}")
     if cfg.data.xflip and cfg.data.name == "gmm":
         raise ConfigError("data.xflip mirrors images; the gmm mixtures are vectors (set data.xflip=false)")
+    sd = cfg.model.sigma_data
+    if isinstance(sd, str) and sd != "auto" or not isinstance(sd, str) and not sd > 0:
+        raise ConfigError(f'model.sigma_data must be a positive number or "auto", got {sd!r}')
+    if cfg.t_mid is not None and not 0.0 < cfg.t_mid < 1.56:
+        raise ConfigError(f"t_mid must be a time in radians in (0, 1.56) (sigma = sigma_d tan t_mid), got {cfg.t_mid}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device = {cfg.device!r} is not valid; valid values: auto, cpu, cuda, cuda:N")
     return dataclasses.replace(cfg, objectives=objectives)
 
 
-def model_config(cfg: TrainConfig, spec: Any) -> ModelConfig:
-    """The ModelConfig of the run: the [model] section plus sizes and classes taken from the data spec."""
+def model_config(cfg: TrainConfig, spec: Any, data_std: float | None = None) -> ModelConfig:
+    """The ModelConfig of the run: the [model] section plus sizes and classes taken from the data spec;
+    `model.sigma_data = "auto"` takes `data_std` (the measured std of the training data)."""
     m = cfg.model
+    sigma_data = m.sigma_data
+    if sigma_data == "auto":
+        if data_std is None:
+            raise ConfigError('model.sigma_data = "auto" needs the data: its std is measured at the start of fit')
+        sigma_data = round(float(data_std), 6)
     nc = spec.num_classes if m.conditional else 0
     b = dict(m.backbone)
     try:
@@ -278,7 +297,7 @@ def model_config(cfg: TrainConfig, spec: Any) -> ModelConfig:
             backbone = UNetConfig(img_channels=spec.shape[0], img_resolution=spec.shape[1], num_classes=nc, **b)
     except TypeError as e:
         raise ConfigError(f"model.backbone: {e}") from e
-    return ModelConfig(backbone=backbone, sigma_data=m.sigma_data, logvar_channels=m.logvar_channels)
+    return ModelConfig(backbone=backbone, sigma_data=float(sigma_data), logvar_channels=m.logvar_channels)
 
 
 # ----------------------------------------------------------------------------------------------- presets

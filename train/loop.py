@@ -22,10 +22,12 @@ import re
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,11 +36,45 @@ from .core import checkpoint as ckpt
 from .core.model import TrigFlowModel, build_model
 from .core.networks import ModelConfig
 from .core.sampling import heun_teacher_sample
+from .data import to_unit
 from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objective_spec
 from .stream import DataFeed, InfiniteSampler
 
 CKPT_PREFIX = ckpt.CKPT_PREFIX
 find_checkpoint = ckpt.find_checkpoint  # a run directory -> its latest checkpoint
+
+
+class DataScaleWarning(UserWarning):
+    """The training data's std is far from the model's sigma_data (the TrigFlow preconditioning assumes them equal)."""
+
+
+def data_std(dataset: Any, max_streamed: int = 1024) -> float:
+    """The std of the training data over every element, in model space (what sigma_data should match).
+
+    In-memory sets: every sample, accumulated in float64 chunks (uint8 images are never held as floats whole);
+    streamed sources (zip / folder / tar): `max_streamed` samples evenly spaced over the set."""
+    if hasattr(dataset, "data"):
+        rows, n = dataset.data, len(dataset.data)
+        chunks = (to_unit(rows[i:i + 4096]) for i in range(0, n, 4096))
+    else:
+        n = len(dataset)
+        idx = np.linspace(0, n - 1, num=min(n, max_streamed)).round().astype(int)
+        chunks = (to_unit(torch.from_numpy(np.ascontiguousarray(dataset.read(int(i))))) for i in idx)
+    s = s2 = cnt = 0.0
+    for c in chunks:
+        c = c.detach().to(torch.float64)
+        s, s2, cnt = s + float(c.sum()), s2 + float((c * c).sum()), cnt + c.numel()
+    mean = s / cnt
+    return float(np.sqrt(max(s2 / cnt - mean * mean, 0.0) * cnt / max(cnt - 1, 1)))
+
+
+def data_scale_message(std: float, sigma_data: float, factor: float = 2.0) -> str | None:
+    """A warning text when std and sigma_data differ by more than `factor` either way, else None."""
+    if std > 0 and max(std / sigma_data, sigma_data / std) <= factor:
+        return None
+    return (f"the training data's std is {std:.4g} but model.sigma_data is {sigma_data:g} (more than {factor:g}x "
+            f"apart): the TrigFlow preconditioning assumes data of std sigma_data, and sampling quality suffers. "
+            f"Rescale the data, set model.sigma_data = {std:.3g}, or use model.sigma_data = \"auto\".")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,14 +122,42 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.optim.lr
 
 
+EXACT_TEACHER_PREFIX = "gmm:"  # --teacher gmm:<preset>: the mixture's analytic PF-ODE as the teacher
+
+
+def exact_teacher_name(teacher: str | Path | None) -> str | None:
+    """'ring8' for the teacher spec 'gmm:ring8', None for a checkpoint path; a clear error for an unknown preset."""
+    if not isinstance(teacher, str) or not teacher.startswith(EXACT_TEACHER_PREFIX):
+        return None
+    from .data import GMM_PRESETS
+
+    name = teacher[len(EXACT_TEACHER_PREFIX):]
+    if name not in GMM_PRESETS:
+        raise ValueError(f"unknown exact teacher {teacher!r}; valid: "
+                         f"{', '.join(EXACT_TEACHER_PREFIX + k for k in GMM_PRESETS)} (or a checkpoint directory)")
+    return name
+
+
+def exact_teacher(name: str, sigma_data: float) -> TrigFlowModel:
+    """The mixture `name`'s exact F* wrapped as a frozen TrigFlowModel (`eval.gmm_diagnostics.exact_model`)."""
+    from .data import gmm_preset
+    from .eval.gmm_diagnostics import exact_model
+
+    return exact_model(gmm_preset(name), sigma_data=sigma_data).requires_grad_(False)
+
+
 def teacher_record(teacher: str | Path) -> dict[str, str]:
     """{'path': absolute checkpoint directory, 'sha256': of its model.safetensors}: what a student's config.json
-    records about its teacher, so that `--resume` finds it again (and notices if it changed)."""
+    records about its teacher, so that `--resume` finds it again (and notices if it changed).  An exact mixture
+    teacher is recorded as {'path': 'gmm:<preset>', 'exact': '<preset>'}."""
+    name = exact_teacher_name(teacher)
+    if name is not None:
+        return {"path": f"{EXACT_TEACHER_PREFIX}{name}", "exact": name}
     path = find_checkpoint(teacher).resolve()
     return {"path": str(path), "sha256": ckpt.sha256_file(path / ckpt.WEIGHTS)}
 
 
-def saved_teacher(checkpoint: str | Path) -> Path | None:
+def saved_teacher(checkpoint: str | Path) -> Path | str | None:
     """The teacher recorded in a student checkpoint's config.json, checked to still exist unchanged; None if the
     checkpoint records none.  Raises a CheckpointError naming the path when it is gone or its weights changed."""
     checkpoint = find_checkpoint(checkpoint)
@@ -102,6 +166,8 @@ def saved_teacher(checkpoint: str | Path) -> Path | None:
         rec = {"path": rec}
     if not isinstance(rec, dict) or not rec.get("path"):
         return None
+    if exact_teacher_name(rec["path"]) is not None:
+        return str(rec["path"])
     path = Path(rec["path"])
     hint = "pass --teacher DIR to resume with a teacher checkpoint explicitly"
     if not ((path / ckpt.CONFIG).is_file() and (path / ckpt.WEIGHTS).is_file()):
@@ -215,14 +281,18 @@ class Trainer:
         needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
         if teacher is None and resume is not None and needs:
             teacher = saved_teacher(resume)
+        exact_name = exact_teacher_name(teacher)
         if teacher is not None:
             self.teacher_info = teacher_record(teacher)
+        if teacher is not None and exact_name is None:
             self.teacher = ckpt.load_model(self.teacher_info["path"], which="ema").to(self.device)
             self.teacher.eval().requires_grad_(False)
         # also on resume: the student has the teacher's architecture (the preset's [model] is unused), and _load
-        # then replaces the weights
-        init_from_teacher = (self.teacher is not None and not cfg.init_from and any(
-            getattr(get_objective_spec(n).factory, "init_from_teacher", False) for n in cfg.objectives))
+        # then replaces the weights.  An exact teacher has no weights: the student is the preset's [model] (or
+        # init_from's network, with a fresh logvar head for the objectives that start from a teacher).
+        wants_teacher_init = any(getattr(get_objective_spec(n).factory, "init_from_teacher", False)
+                                 for n in cfg.objectives)
+        init_from_teacher = self.teacher is not None and not cfg.init_from and wants_teacher_init
 
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
         if init_from_teacher:
@@ -235,8 +305,12 @@ class Trainer:
             self.model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
             if tuple(self.model.sample_shape) != tuple(self.spec.shape):
                 raise ValueError(f"init_from model samples {self.model.sample_shape}, data are {self.spec.shape}")
+            if exact_name is not None and wants_teacher_init:
+                from .losses.scm import init_student_from_teacher
+
+                self.model = init_student_from_teacher(self.model, self.model)  # fresh logvar head
         else:
-            mcfg: ModelConfig = model_config(cfg, self.spec)
+            mcfg: ModelConfig = model_config(cfg, self.spec, data_std=data_std(self.dataset))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
@@ -246,6 +320,12 @@ class Trainer:
             for m in (self.model, self.teacher):
                 if m is not None:
                     m.set_channels_last(True)
+        self.data_std = data_std(self.dataset)  # [issue 17] sigma_data should match it
+        msg = data_scale_message(self.data_std, self.model.sigma_data)
+        if msg is not None and self.rank == 0 and resume is None:
+            warnings.warn(msg, DataScaleWarning, stacklevel=2)
+        if exact_name is not None:
+            self.teacher = exact_teacher(exact_name, self.model.sigma_data).to(self.device)
         has_labels = (dataset.y if hasattr(dataset, "y") else dataset.labels) is not None
         self.conditional = self.model.num_classes > 0 and has_labels
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -271,6 +351,14 @@ class Trainer:
         torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
         self.step = 0
         self.skipped_steps = 0  # optimizer updates skipped at an objective's request (see train_step)
+        self.map_probe = None  # [issue 17] exact consistency-map error of a student on mixture data, per log
+        mixture = getattr(dataset, "mixture", None)
+        if (self.rank == 0 and mixture is not None and cfg.log.map_error_n > 0 and self.model.num_classes == 0
+                and any(getattr(o, "sampler", "heun") == "consistency" for o in self.objectives.values())):
+            from .eval.gmm_diagnostics import ConsistencyMapProbe
+
+            self.map_probe = ConsistencyMapProbe(mixture, sigma_data=self.model.sigma_data, n=cfg.log.map_error_n,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + 4242))
         if resume is not None:
             self._load(find_checkpoint(resume))
         elif self.world_size > 1:
@@ -415,6 +503,13 @@ class Trainer:
                      "metrics": metrics or {}, "objectives": sorted(self.objectives)}
             if self.teacher_info is not None:
                 extra["teacher"] = self.teacher_info
+            if self.cfg.t_mid is not None and any(getattr(o, "sampler", "heun") == "consistency"
+                                                  for o in self.objectives.values()):
+                from .core.trigflow import consistency_times
+
+                sd = self.model.sigma_data
+                extra[ckpt.TIMES_KEY] = {str(k): consistency_times(k, sigma_data=sd, t_mid=self.cfg.t_mid)
+                                         for k in (1, 2)}
             path = ckpt.save_checkpoint(self.out_dir / f"{CKPT_PREFIX}{self.step:07d}", self.model, ema=self.ema,
                                         extra_config=extra, state=state)
             keep = self.cfg.log.keep_checkpoints
@@ -446,6 +541,15 @@ class Trainer:
         torch.set_rng_state(cpu[self.rank] if int(state.get("world_size", 1)) == self.world_size else cpu[0])
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"].cpu(), self.device)
+
+    def map_error(self) -> dict[str, float]:
+        """{'map_err/<band>': E||f_theta - Phi*||^2, ..., 'map_err_ema/...'} when a map probe is set, else {}."""
+        if self.map_probe is None:
+            return {}
+        from .eval.gmm_diagnostics import map_error_scalars
+
+        return {**map_error_scalars(self.map_probe(self.model), "map_err"),
+                **map_error_scalars(self.map_probe(self.ema), "map_err_ema")}
 
     # -- samples -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -515,6 +619,7 @@ class Trainer:
                     rec.update(step=self.step, kimg=self.step * cfg.batch_size / 1000, img_per_s=img_s,
                                data_img_per_s=data_s, data_wait_frac=wait, time=time.time())
                     acc, n_acc = {}, 0
+                    rec.update(self.map_error())
                     if log_f is not None:
                         log_f.write(json.dumps(rec) + "\n")
                         log_f.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -163,6 +164,48 @@ def save_checkpoint(
             torch.save(state, tmp / STATE)
 
     return atomic_write_dir(path, write)
+
+
+# ----------------------------------------------------------------------------------------------- sampling times
+TIMES_KEY = "consistency_times"  # config.json: {"1": [t_max], "2": [t_max, t_mid]} chosen for this model
+
+
+def recorded_times(config: dict[str, Any]) -> dict[int, list[float]]:
+    """The consistency sampler's times a checkpoint (or bundle) config records, {steps: [t_0 > t_1 > ...]}; {} if
+    none.  A malformed entry is a CheckpointFormatError naming the problem."""
+    raw = config.get(TIMES_KEY)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError(f"config.json '{TIMES_KEY}' must map step counts to time lists, got {raw!r}")
+    out: dict[int, list[float]] = {}
+    for k, v in raw.items():
+        try:
+            steps, ts = int(k), [float(t) for t in v]
+        except (TypeError, ValueError):
+            raise CheckpointFormatError(f"config.json '{TIMES_KEY}'[{k!r}] must be a list of numbers, got {v!r}") from None
+        if steps < 1 or len(ts) != steps or any(not 0 < t < math.pi / 2 for t in ts) or any(
+                b >= a for a, b in zip(ts[:-1], ts[1:], strict=False)):
+            raise CheckpointFormatError(f"config.json '{TIMES_KEY}'[{k!r}] = {ts} must hold {k} decreasing times in "
+                                        "(0, pi/2)")
+        out[steps] = ts
+    return out
+
+
+def record_times(path: str | Path, times: dict[int, list[float]]) -> dict[str, Any]:
+    """Record (merge) the consistency sampler's times into a checkpoint's config.json (atomic replace of that one
+    file; the weights are untouched).  Returns the new config."""
+    path = resolve_dir(path)
+    cfg = load_config(path)
+    merged = {str(k): [float(t) for t in v] for k, v in {**recorded_times(cfg), **times}.items()}
+    new = {**cfg, TIMES_KEY: merged}
+    recorded_times(new)  # validate before writing
+    tmp = path / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True, default=str))
+    _fsync_file(tmp)
+    os.replace(tmp, path / CONFIG)
+    _fsync_dir(path)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------- reading

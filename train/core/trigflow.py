@@ -77,14 +77,18 @@ def velocity_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch
     return _bcast(torch.cos(t), x0) * z - _bcast(torch.sin(t), x0) * x0
 
 
-def consistency_times(steps: int, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA) -> list[float]:
-    """Default sCM sampling times: [t_max] for 1 step, [t_max, t_mid] for 2, a Karras-spaced grid beyond."""
+def consistency_times(steps: int, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,
+                      t_mid: float = T_MID) -> list[float]:
+    """Default sCM sampling times: [t_max] for 1 step, [t_max, t_mid] for 2, a Karras-spaced grid beyond.
+    A checkpoint may record its own times (`checkpoint.recorded_times`); samplers prefer those."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < t_mid < t_max(sigma_max, sigma_data):
+        raise ValueError(f"t_mid must lie in (0, t_max = {t_max(sigma_max, sigma_data):.4f}), got {t_mid}")
     if steps == 1:
         return [t_max(sigma_max, sigma_data)]
     if steps == 2:
-        return [t_max(sigma_max, sigma_data), T_MID]
+        return [t_max(sigma_max, sigma_data), float(t_mid)]
     rho, smin = 7.0, SIGMA_MIN * 100  # stop well above 0: the last step denoises anyway
     ramp = [i / (steps - 1) for i in range(steps)]
     sig = [(sigma_max ** (1 / rho) + r * (smin ** (1 / rho) - sigma_max ** (1 / rho))) ** rho for r in ramp]

@@ -1,7 +1,7 @@
 """`quickstep-train eval`: the evaluation sub-command, picked up by `quickstep.train.cli` through `register`.
 
     quickstep-train eval --ckpt DIR [--steps 1,2] [--n 1000] --out DIR [--teacher DIR] [--inception PATH]
-                         [--nll-n N] [--seed S] [--device cpu|cuda] [--no-progress]
+                         [--nll-n N] [--seed S] [--device cpu|cuda] [--no-progress] [--sweep-t-mid [--record-times]]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def eval_command(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.ckpt, steps=parse_steps(args.steps), n=args.n, out=args.out,
                                  teacher=args.teacher, inception=args.inception, nll_n=args.nll_n,
                                  diagnostics_n=args.diagnostics_n, seed=args.seed,
-                                 device=args.device, progress=not args.no_progress)
+                                 device=args.device, progress=not args.no_progress,
+                                 sweep_t_mid=args.sweep_t_mid, record_times=args.record_times)
     for row in report["quality"]:
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
     print(f"wrote {args.out}/report.json, report.md and {len(report['figures'])} figures "
@@ -59,6 +60,11 @@ def register(subparsers) -> None:
                    help="test samples for the PF-ODE likelihood of teachers (0 skips; default 500 vectors, 32 images)")
     e.add_argument("--diag-n", dest="diagnostics_n", type=int, default=512,
                    help="noisy samples per sigma band for the exact GMM diagnostics (default 512)")
+    e.add_argument("--sweep-t-mid", dest="sweep_t_mid", action="store_true",
+                   help="students: sweep the 2-step intermediate time against the data and sample 2 steps at the best")
+    e.add_argument("--record-times", dest="record_times", action="store_true",
+                   help="with --sweep-t-mid: write the chosen sampler times into the checkpoint's config.json "
+                        "(export and the server then use them)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

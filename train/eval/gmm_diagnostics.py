@@ -12,7 +12,10 @@
   around the true posterior mean: the trace of Cov[x0 | x_sigma]) against E||y_hat_STF - D*||^2 with a
   reference batch of R samples containing the batch (`losses.stf.stf_targets`);
 - sample quality against the true density: mean log p(x) of samples, sliced Wasserstein-2 and RBF MMD^2 to fresh
-  true samples, each with the value a true sample of the same size gets (the noise floor).
+  true samples, each with the value a true sample of the same size gets (the noise floor);
+- the exact consistency map Phi*(x_t, t): the PF-ODE solved to t = 0 with the analytic denoiser (adaptive
+  DOP853, float64), and a consistency model's error E||f_theta(x_t, t) - Phi*(x_t, t)||^2 per band
+  (`consistency_map_error`): where in t a student is wrong, and whether it converges.
 
 `exact_model(mixture)` wraps the analytic PF-ODE velocity into a real `TrigFlowModel` (so every view --
 denoise, score, velocity, consistency -- comes from train.core); `perturb=` adds a smooth error to F.
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..core.model import TrigFlowModel
 from ..core.networks import MLPConfig, ModelConfig
-from ..core.trigflow import SIGMA_DATA
+from ..core.trigflow import SIGMA_DATA, sigma_to_t, t_to_sigma, x_sigma_to_x_t, x_t_to_x_sigma
 from ..data import GaussianMixture
 from .metrics import mmd_rbf, sliced_wasserstein
 
@@ -178,6 +181,101 @@ def cp_violation(model: TrigFlowModel, mixture: GaussianMixture, *, bands: tuple
     return out
 
 
+# ----------------------------------------------------------------------------------------------- consistency map
+SIGMA_END = 1e-7  # the map integrates the EDM PF-ODE down to this sigma, then applies D* (error O(SIGMA_END^2))
+
+
+def exact_consistency_map(mixture: GaussianMixture, x_t: torch.Tensor, t: torch.Tensor, *,
+                          sigma_data: float = SIGMA_DATA, rtol: float = 1e-10, atol: float = 1e-12) -> torch.Tensor:
+    """Phi*(x_t, t): the end point at t = 0 of the exact PF-ODE through (x_t, t)  [B, D] (float64).
+
+    Solved in the EDM view (x_sigma = x_t / cos t, sigma = sigma_d tan t, `train.core.trigflow`):
+    dx/d(log sigma) = x - D*(x; sigma), with every sample on its own log-sigma path from log sigma_i to
+    log SIGMA_END reparametrised onto s in [0, 1], so one adaptive DOP853 solve (scipy, float64) handles a batch
+    of different start times; the end point is denoised once more with D* (x_0 = D*(x_sigma_end) + O(sigma_end^2)).
+    Accuracy: against the closed form of a single Gaussian ~1e-9 (tests/train/test_consistency_map.py)."""
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    x_t = torch.as_tensor(x_t, dtype=torch.float64)
+    if x_t.ndim != 2 or x_t.shape[1] != mixture.dim:
+        raise ValueError(f"x_t must have shape [B, {mixture.dim}], got {list(x_t.shape)}")
+    t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0]).clone()
+    if bool(((t <= 0) | (t >= math.pi / 2)).any()):
+        raise ValueError("t must lie in (0, pi/2)")
+    b, d = x_t.shape
+    x_sigma = x_t_to_x_sigma(x_t, t)  # [B, D]
+    sigma = t_to_sigma(t, sigma_data)  # [B]
+    log_lo = math.log(SIGMA_END)
+    log_start = torch.log(sigma).clamp(min=log_lo)  # [B]
+    span = (log_lo - log_start).numpy()  # [B] (<= 0)
+
+    def rhs(s: float, y: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(y.reshape(b, d))
+        sig = torch.exp(log_start + s * torch.from_numpy(span))  # [B]
+        dx = (x - mixture.denoise(x, sig)) * torch.from_numpy(span)[:, None]  # dx/ds
+        return dx.reshape(-1).numpy()
+
+    sol = solve_ivp(rhs, (0.0, 1.0), x_sigma.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol)
+    if not sol.success:
+        raise RuntimeError(f"exact consistency map: the ODE solve failed ({sol.message})")
+    x_end = torch.from_numpy(sol.y[:, -1].reshape(b, d))
+    return mixture.denoise(x_end, SIGMA_END)
+
+
+class ConsistencyMapProbe:
+    """A fixed set of noisy points per sigma band with their exact Phi*, solved once; calling the probe on a
+    consistency model returns E ||f_theta(x_t, t) - Phi*(x_t, t)||^2 (summed over coordinates) per band, at the
+    cost of one forward pass -- cheap enough for every log interval of a training run."""
+
+    def __init__(self, mixture: GaussianMixture, *, sigma_data: float = SIGMA_DATA,
+                 bands: tuple[float, ...] = DEFAULT_BANDS, n: int = 512, generator: torch.Generator | None = None):
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.sigma_data = float(sigma_data)
+        self.points: list[tuple[float, float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for lo, hi in _bands(bands):
+            _, x, sigma = _noisy(mixture, lo, hi, n, g)
+            t = sigma_to_t(sigma, self.sigma_data)  # [n]
+            x_t = x_sigma_to_x_t(x, sigma, self.sigma_data)  # [n, D]
+            self.points.append((lo, hi, x_t, t, exact_consistency_map(mixture, x_t, t, sigma_data=self.sigma_data)))
+
+    @torch.no_grad()
+    def __call__(self, model) -> list[BandValue]:
+        """`model`: a TrigFlowModel (its `consistency`, in eval mode) or a callable f(x_t, t)."""
+        if float(getattr(model, "sigma_data", self.sigma_data)) != self.sigma_data:
+            raise ValueError(f"the probe was built for sigma_data {self.sigma_data}, the model has {model.sigma_data}")
+        f = model.consistency if hasattr(model, "consistency") else model
+        was_training = bool(getattr(model, "training", False))
+        p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        dev, dt = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+        if was_training:
+            model.eval()
+        try:
+            out = []
+            for lo, hi, x_t, t, target in self.points:
+                pred = f(x_t.to(dev, dt), t.to(dev, dt)).to("cpu", torch.float64)
+                out.append(_band_value(lo, hi, (pred - target).square().sum(1)))
+        finally:
+            if was_training:
+                model.train()
+        return out
+
+
+def consistency_map_error(model, mixture: GaussianMixture, *, bands: tuple[float, ...] = DEFAULT_BANDS,
+                          n: int = 512, generator: torch.Generator | None = None) -> list[BandValue]:
+    """Per sigma band (t = arctan(sigma / sigma_d)): E ||f_theta(x_t, t) - Phi*(x_t, t)||^2 (summed over
+    coordinates) for x_t from the forward process (`ConsistencyMapProbe`, built and used once)."""
+    sd = float(getattr(model, "sigma_data", SIGMA_DATA))
+    return ConsistencyMapProbe(mixture, sigma_data=sd, bands=bands, n=n, generator=generator)(model)
+
+
+def map_error_scalars(values: list[BandValue], prefix: str = "map_err") -> dict[str, float]:
+    """Flat `{prefix}/sigma_<lo>-<hi>: mean, ..., prefix/mean: mean over bands}` for logs (TensorBoard)."""
+    out = {f"{prefix}/sigma_{v.sigma_lo:g}-{v.sigma_hi:g}": v.mean for v in values}
+    out[f"{prefix}/mean"] = float(sum(v.mean for v in values) / max(len(values), 1))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- STF variance
 @dataclass(frozen=True)
 class TargetVariance:
@@ -231,6 +329,8 @@ class SampleQuality:
     true_sliced_w2: float
     true_mmd: float
     n: int
+    sliced_w1: float = float("nan")  # sliced W1 (same 256 directions), and its floor
+    true_sliced_w1: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
         return dict(self.__dict__)
@@ -255,17 +355,23 @@ def sample_quality(samples: torch.Tensor, mixture: GaussianMixture, *,
         true_sliced_w2=sliced_wasserstein(floor, ref, generator=torch.Generator().manual_seed(1)),
         true_mmd=mmd_rbf(floor, ref),
         n=n,
+        sliced_w1=sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(1), p=1),
+        true_sliced_w1=sliced_wasserstein(floor, ref, generator=torch.Generator().manual_seed(1), p=1),
     )
 
 
 __all__ = [
     "DEFAULT_BANDS",
     "BandValue",
+    "ConsistencyMapProbe",
     "ExactMixtureBackbone",
     "SampleQuality",
     "TargetVariance",
+    "consistency_map_error",
     "cp_violation",
+    "exact_consistency_map",
     "exact_model",
+    "map_error_scalars",
     "fpe_residual",
     "sample_quality",
     "score_error",

@@ -132,8 +132,11 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
 
 # ----------------------------------------------------------------------------------------------- low-dim distances
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 256,
-                       generator: torch.Generator | None = None) -> float:
-    """Sliced Wasserstein-2 distance sqrt(E_theta W2^2(theta.a, theta.b)) between point clouds of equal size."""
+                       generator: torch.Generator | None = None, p: int = 2) -> float:
+    """Sliced Wasserstein-p distance (E_theta W_p^p(theta.a, theta.b))^(1/p) between point clouds of equal size
+    (p = 2 default; p = 1 is the sliced W1 of issue 17)."""
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
     x, y = _as_2d(a, "a"), _as_2d(b, "b")
     n = min(x.shape[0], y.shape[0])
     x, y = x[:n], y[:n]
@@ -142,6 +145,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, *, projections: int = 2
     theta = theta / theta.norm(dim=0, keepdim=True)  # [D, P] unit directions
     px, _ = torch.sort(x @ theta, dim=0)
     py, _ = torch.sort(y @ theta, dim=0)
+    if p == 1:
+        return float((px - py).abs().mean())
     return float((px - py).square().mean().sqrt())
 
 

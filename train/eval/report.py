@@ -5,10 +5,10 @@ sample grids).  Every quality number sits next to its NFE and wall time per imag
 What is measured depends on the checkpoint and its data set (read from the checkpoint's config.json):
 - kind: a consistency student (objectives sct/scd/direct_cm/cd) is sampled with the sCM 1-/2-/multi-step
   sampler (NFE = steps); a diffusion teacher with deterministic Heun (NFE = 2 steps - 1; default 18 -> 35).
-- gmm data (analytic mixture): log-likelihood of the samples under the true density, sliced W2 and MMD^2; for
+- gmm data (analytic mixture): log-likelihood of the samples under the true density, sliced W1/W2 and MMD^2; for
   teachers the exact per-sigma diagnostics (score error, score-FPE residual, CP violation), the NLL of test
   data via the PF-ODE, and STF-vs-DSM target variance; for students the ODE error against the exact PF-ODE
-  (and against `teacher` when given).
+  (and against `teacher` when given) and the exact consistency-map error per sigma band.
 - digits: FD, KID and precision/recall in the shipped classifier's features against the digits train split,
   class accuracy of class-conditional samples; for teachers bits/dim on test images (Hutchinson); for
   students the ODE error against `teacher` when given.
@@ -33,6 +33,7 @@ from ..core.sampling import heun_teacher_sample, sample_consistency
 
 DEFAULT_STUDENT_STEPS = (1, 2)
 DEFAULT_TEACHER_STEPS = (2, 4, 9, 18)
+T_MID_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # radians; sigma 0.1 .. 1.8 at sigma_d 0.5
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def _dataset(config: dict[str, Any], split: str):
 
 
 def generate(model, sampler: str, steps: int, n: int, *, seed: int = 0, batch_size: int = 500,
-             device: torch.device | str = "cpu") -> SampleRun:
-    """n samples from `model` with the consistency (NFE = steps) or Heun (NFE = 2 steps - 1) sampler."""
+             device: torch.device | str = "cpu", ts: Sequence[float] | None = None) -> SampleRun:
+    """n samples from `model` with the consistency (NFE = steps; times `ts`, default the core's) or Heun
+    (NFE = 2 steps - 1) sampler."""
     if steps < 1 or n < 1:
         raise ValueError(f"steps and n must be >= 1, got steps={steps}, n={n}")
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +93,8 @@ def generate(model, sampler: str, steps: int, n: int, *, seed: int = 0, batch_si
             if sampler == "consistency":
                 extra = [model.sigma_data * torch.randn((b, *model.sample_shape), generator=g).to(device)
                          for _ in range(steps - 1)]
-                x = sample_consistency(model, model.sigma_data * eps, steps=steps, class_labels=y, extra_noise=extra)
+                x = sample_consistency(model, model.sigma_data * eps, steps=steps, ts=ts, class_labels=y,
+                                       extra_noise=extra)
             elif sampler == "heun":
                 x = heun_teacher_sample(model, eps, num_steps=steps, class_labels=y)
             else:
@@ -122,6 +125,21 @@ def _image_quality(run: SampleRun, ref_feats: torch.Tensor, feat_fn, *, classify
 def _row(run: SampleRun, quality: dict[str, Any]) -> dict[str, Any]:
     return {"sampler": run.sampler, "steps": run.steps, "nfe": run.nfe, "seconds_per_image": run.seconds_per_image,
             **quality}
+
+
+def t_mid_sweep(model, score_fn, *, n: int, seed: int, grid: Sequence[float] = T_MID_GRID,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The 2-step sampler's intermediate time as a property of the model: 2-step samples at every t_mid of `grid`
+    (same noise), scored by `score_fn(SampleRun) -> float` (lower is better), on noise seed `seed` (use a
+    different seed for the reported numbers).  Returns {'grid', 'scores', 'chosen', 'times': [t_max, chosen]}."""
+    from ..core.trigflow import t_max
+
+    tm = t_max(sigma_data=model.sigma_data)
+    scores = [float(score_fn(generate(model, "consistency", 2, n, seed=seed, device=device, ts=[tm, float(t)])))
+              for t in grid]
+    best = min(range(len(grid)), key=lambda i: scores[i])
+    return {"grid": [float(t) for t in grid], "scores": scores, "chosen": float(grid[best]),
+            "times": [tm, float(grid[best])], "n": n, "seed": seed}
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -244,6 +262,12 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         if report.get(key):
             items = report[key] if isinstance(report[key], list) else [report[key]]
             lines += [f"## {title}", "", markdown_table(items, list(items[0])), ""]
+    if report.get("map_error"):
+        lines += ["## Exact consistency-map error E||f(x_t, t) - Phi*(x_t, t)||^2 per sigma band", "",
+                  markdown_table(report["map_error"], list(report["map_error"][0])), ""]
+    if report.get("times"):
+        lines += ["Consistency sampler times: " + ", ".join(f"{k} step(s): {[round(t, 4) for t in v]}"
+                                                            for k, v in report["times"].items()), ""]
     if report.get("diagnostics"):
         lines += ["## Exact per-sigma diagnostics (Gaussian mixture)", ""]
         for name, vals in report["diagnostics"].items():
@@ -280,10 +304,16 @@ def evaluate_checkpoint(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    sweep_t_mid: bool = False,
+    record_times: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory: its latest checkpoint) and write report.json, report.md and
     PNG figures into `out`.  `steps`: consistency steps for students (default 1, 2), Heun steps for teachers
-    (default 2, 4, 9, 18 = 3..35 NFE).  Returns the report dict."""
+    (default 2, 4, 9, 18 = 3..35 NFE).  Students sample at the times their checkpoint records (else the core
+    defaults); `sweep_t_mid` first sweeps the 2-step intermediate time against the data (sliced W1 on mixtures,
+    FD on images; noise seed `seed` + 7, reported numbers on `seed`) and samples 2 steps at the best one;
+    `record_times` writes the chosen times into the checkpoint's config.json (export and serving then use them).
+    Returns the report dict."""
     from tqdm.auto import tqdm
 
     if n < 4:
@@ -328,10 +358,33 @@ def evaluate_checkpoint(
         else:
             report["note"] = "no feature network for this data set: pass inception=PATH for FD/KID"
 
+    def score(run: SampleRun) -> float:
+        if mixture is not None:
+            from .metrics import sliced_wasserstein
+
+            ref = mixture.sample(run.samples.shape[0], torch.Generator().manual_seed(seed + 8), dtype=torch.float64)
+            return sliced_wasserstein(run.samples.double(), ref, generator=torch.Generator().manual_seed(1), p=1)
+        if feat_fn is not None:
+            return float(_image_quality(run, ref_feats, feat_fn, kid_normalize=inception is None)["fd"])
+        raise ValueError("--sweep-t-mid needs gmm data, digits, or --inception for other image data")
+
+    times = ckpt_io.recorded_times(config) if kind == "consistency" else {}
+    if sweep_t_mid and kind == "consistency":
+        bar.set_postfix_str("t_mid sweep")
+        sweep = t_mid_sweep(model, score, n=n, seed=seed + 7, device=device)
+        report["t_mid_sweep"] = sweep
+        times = {**times, 1: [sweep["times"][0]], 2: sweep["times"]}
+        if record_times:
+            ckpt_io.record_times(path, {1: times[1], 2: times[2]})
+            report["recorded_times"] = {"1": times[1], "2": times[2]}
+    elif record_times:
+        raise ValueError("record_times needs sweep_t_mid on a consistency checkpoint")
+    report["times"] = {str(k): v for k, v in times.items()}
+
     runs: list[SampleRun] = []
     for s in steps:
         bar.set_postfix_str(f"{sampler} {s} steps")
-        run = generate(model, sampler, int(s), n, seed=seed, device=device)
+        run = generate(model, sampler, int(s), n, seed=seed, device=device, ts=times.get(int(s)))
         runs.append(run)
         if mixture is not None:
             from .gmm_diagnostics import sample_quality
@@ -398,6 +451,12 @@ def evaluate_checkpoint(
                          **ode_error(model, tm, eps, class_labels=labels).to_dict()})
         if rows:
             report["ode_error"] = rows
+        if mixture is not None and model.num_classes == 0:
+            from .gmm_diagnostics import consistency_map_error
+
+            bands = consistency_map_error(model.cpu(), mixture, n=diagnostics_n, generator=g)
+            model.to(device)
+            report["map_error"] = [b.to_dict() for b in bands]
         bar.update(1)
     bar.close()
 
@@ -419,4 +478,5 @@ def evaluate_checkpoint(
     return report
 
 
-__all__ = ["SampleRun", "checkpoint_kind", "evaluate_checkpoint", "generate", "markdown_table", "write_markdown"]
+__all__ = ["SampleRun", "checkpoint_kind", "evaluate_checkpoint", "generate", "markdown_table", "t_mid_sweep",
+           "write_markdown"]

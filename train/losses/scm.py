@@ -256,6 +256,8 @@ class SCMConfig:
     warmup_steps: int = 0  # H; 0 = warmup_frac * total_steps
     warmup_frac: float = 0.1  # H scaled to the run length (paper: 10k of 100k-400k iterations)
     prior_weight: bool = False  # multiply by 1/sigma (the paper's prior weighting; sCM-mnist found it unstable)
+    # learned adaptive weighting e^{-u(t)} (.) + u(t) (the paper's w_phi).  Off: u = 0 and the logvar head is unused.
+    adaptive_weighting: bool = True
     # "forward_ad" (exact, dual numbers with hand-written conv/GroupNorm tangents: ~1.7x cheaper than
     # "autograd" = torch.func.jvp on the U-Net, same values to float rounding) or "finite_difference"
     jvp: str = "forward_ad"
@@ -319,8 +321,8 @@ def scm_step(
         finite = torch.isfinite(g_raw.flatten(1)).all(dim=1)  # [B]
         g = normalize_tangent(torch.where(_bcast(finite, g_raw), g_raw, torch.zeros_like(g_raw)),
                               config.tangent_c, config.tangent_norm)
-    loss, mse = scm_per_sample_loss(F_theta, g, model.logvar(_f32(t)), _f32(t), sd,
-                                    prior_weight=config.prior_weight)
+    logvar = model.logvar(_f32(t)) if config.adaptive_weighting else torch.zeros_like(_f32(t))
+    loss, mse = scm_per_sample_loss(F_theta, g, logvar, _f32(t), sd, prior_weight=config.prior_weight)
     return SCMStep(loss, mse.detach(), g_raw, g, finite, r)
 
 

@@ -1,0 +1,370 @@
+"""Issue 17: students against their teachers on the Gaussian mixtures, where the truth is known exactly.
+
+    OMP_NUM_THREADS=1 python scripts/students.py --mixture ring8 --recipes scd,scd-noaw --seeds 0,1,2 --steps 3000
+    python scripts/students.py --mixture ring8 --summary        # tables from the JSON files written so far
+
+Every run trains in-process through the real `Trainer` (the code `quickstep-train fit` runs) and writes one JSON
+file, docs/results/students/<mixture>/<recipe>-s<seed>.json; finished runs are skipped, so the script resumes.
+The teacher of a mixture (`gmm2d-stf`, seed 0, --teacher-steps) is trained once under runs/students/.
+
+Evaluated per run (EMA weights): 1-step and 2-step samples (n = --n) against the true density -- sliced W1/W2
+(256 directions) and mean exact log-likelihood --, the 2-step intermediate time t_mid swept on one noise seed and
+reported on another, the exact consistency-map error per sigma band, and the map-error curve the trainer logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "students"
+RUNS = ROOT / "runs" / "students"
+T_MID_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
+
+# recipe -> (preset, teacher: None | "trained" | "exact", init_from the trained teacher?, --set overrides)
+RECIPES: dict[str, tuple[str, str | None, bool, list[str]]] = {
+    "sct": ("gmm2d-sct", None, False, []),
+    "sct-init": ("gmm2d-sct", None, True, []),
+    # "scd": the recipe as landed before issue 17 (learned adaptive weighting on); "+noaw" is the fixed preset
+    "scd": ("gmm2d-scd", "trained", False, ["objectives.scd.adaptive_weighting=true"]),
+    "scd-exact": ("gmm2d-scd", "exact", True, ["objectives.scd.adaptive_weighting=true"]),
+    "direct-cm": ("gmm2d-direct-cm", "trained", False, []),
+    "cd": ("gmm2d-cd", "trained", False, []),
+    "direct-cm-exact": ("gmm2d-direct-cm", "exact", True, []),
+    "cd-exact": ("gmm2d-cd", "exact", True, []),
+}
+# ablations of the sCD recipe: name suffix -> overrides (appended to any sct/scd recipe as "<recipe>+<suffix>")
+ABLATIONS: dict[str, list[str]] = {
+    "aw": ["objectives.{o}.adaptive_weighting=true"],
+    "noaw": ["objectives.{o}.adaptive_weighting=false"],
+    "c0.01": ["objectives.{o}.tangent_c=0.01"],
+    "c1": ["objectives.{o}.tangent_c=1.0"],
+    "l2": ["objectives.{o}.tangent_norm=\"l2\""],
+    "H0": ["objectives.{o}.warmup_frac=0.0"],
+    "H0.5": ["objectives.{o}.warmup_frac=0.5"],
+    "lr3e-4": ["optim.lr=3e-4"],
+    "lr3e-3": ["optim.lr=3e-3"],
+    "ema5": ["ema.halflife_kimg=5.0"],
+    "ema100": ["ema.halflife_kimg=100.0"],
+    "pm-0.4": ["objectives.{o}.p_mean=-0.4"],
+    "ps2": ["objectives.{o}.p_std=2.0"],
+    "prior": ["objectives.{o}.prior_weight=true"],
+    "autograd": ["objectives.{o}.jvp=\"autograd\""],
+    "fd": ["objectives.{o}.jvp=\"finite_difference\"", "objectives.{o}.fd_eps=1e-4"],
+}
+
+
+def _objective(preset: str) -> str:
+    return {"gmm2d-sct": "sct", "gmm2d-scd": "scd", "gmm2d-direct-cm": "direct_cm", "gmm2d-cd": "cd"}[preset]
+
+
+def recipe(name: str) -> tuple[str, str | None, bool, list[str]]:
+    base, *mods = name.split("+")
+    if base not in RECIPES:
+        raise SystemExit(f"unknown recipe {base!r}; valid: {', '.join(RECIPES)} (+ablation: {', '.join(ABLATIONS)})")
+    preset, teacher, init, sets = RECIPES[base]
+    sets = list(sets)
+    for m in mods:
+        if m not in ABLATIONS:
+            raise SystemExit(f"unknown ablation {m!r}; valid: {', '.join(ABLATIONS)}")
+        sets += [s.format(o=_objective(preset)) for s in ABLATIONS[m]]
+    return preset, teacher, init, sets
+
+
+def _config(preset: str, mixture: str, seed: int, steps: int, sets: list[str]):
+    from quickstep.train.config import load_preset
+
+    every = max(steps // 15, 50)
+    return load_preset(preset, [f"data.options.preset=\"{mixture}\"", f"seed={seed}", f"steps={steps}",
+                                f"log.every={every}", f"log.ckpt_every={steps}", "log.progress=false",
+                                "log.samples=false", "log.tensorboard=false", "device=\"cpu\"", *sets])
+
+
+def teacher_dir(mixture: str, steps: int) -> Path:
+    """Train (once) and return the mixture's gmm2d-stf teacher, seed 0."""
+    from quickstep.train.loop import Trainer, find_checkpoint
+
+    out = RUNS / f"teacher-{mixture}-{steps}"
+    try:
+        return find_checkpoint(out)
+    except Exception:  # noqa: BLE001 - not trained yet
+        pass
+    t0 = time.perf_counter()
+    tr = Trainer(_config("gmm2d-stf", mixture, 0, steps, []), out)
+    tr.fit()
+    (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return find_checkpoint(out)
+
+
+def quality(samples: torch.Tensor, mixture, seed: int) -> dict[str, float]:
+    """Sliced W1/W2 (256 directions) to fresh data and the mean exact log-likelihood, with the floors a fresh true
+    sample of the same size gets (as `eval.gmm_diagnostics.sample_quality`, without its O(n^2) MMD)."""
+    from quickstep.train.eval.metrics import sliced_wasserstein
+
+    g = torch.Generator().manual_seed(seed)
+    n = samples.shape[0]
+    x = samples.detach().to(torch.float64)
+    ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
+
+    def sw(a, p):
+        return sliced_wasserstein(a, ref, generator=torch.Generator().manual_seed(1), p=p)
+
+    return {"sliced_w1": sw(x, 1), "sliced_w2": sw(x, 2), "log_likelihood": float(mixture.log_prob(x).mean()),
+            "floor_sliced_w1": sw(floor, 1), "floor_log_likelihood": float(mixture.log_prob(floor).mean())}
+
+
+def consistency_samples(model, n: int, seed: int, ts: list[float]) -> torch.Tensor:
+    from quickstep.train.core.sampling import sample_consistency
+
+    g = torch.Generator().manual_seed(seed)
+    noise = model.sigma_data * torch.randn(n, *model.sample_shape, generator=g)
+    return sample_consistency(model, noise, ts=ts, generator=g)
+
+
+def evaluate_student(model, mixture, n: int) -> dict[str, Any]:
+    from quickstep.train.core.trigflow import t_max
+    from quickstep.train.eval.gmm_diagnostics import ConsistencyMapProbe
+
+    tm = t_max(sigma_data=model.sigma_data)
+    one = quality(consistency_samples(model, n, 100, [tm]), mixture, 200)
+    sweep = {}
+    for tmid in T_MID_GRID:  # selection on noise seed 101, report on 102 (no selection bias)
+        sweep[tmid] = quality(consistency_samples(model, n // 2, 101, [tm, tmid]), mixture, 201)
+    best = min(sweep, key=lambda k: sweep[k]["sliced_w1"])
+    two = quality(consistency_samples(model, n, 102, [tm, best]), mixture, 202)
+    two_default = quality(consistency_samples(model, n, 102, [tm, 1.1]), mixture, 202)
+    probe = ConsistencyMapProbe(mixture, sigma_data=model.sigma_data, n=512, generator=torch.Generator().manual_seed(7))
+    bands = [b.to_dict() for b in probe(model)]
+    return {"one_step": one, "two_step": two, "two_step_t_mid": best, "two_step_t_mid_1.1": two_default,
+            "t_mid_sweep": {str(k): v for k, v in sweep.items()}, "map_error": bands,
+            "map_error_mean": sum(b["mean"] for b in bands) / len(bands)}
+
+
+def evaluate_teacher(path: Path, mixture, n: int) -> dict[str, Any]:
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.core.sampling import heun_teacher_sample
+
+    out = path.parent / "teacher_eval.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    model = ckpt.load_model(path, which="ema").eval()
+    g = torch.Generator().manual_seed(100)
+    x = heun_teacher_sample(model, torch.randn(n, *model.sample_shape, generator=g), num_steps=18)
+    res = {"heun_35_nfe": quality(x, mixture, 200)}
+    out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: int, n: int) -> Path:
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.data import gmm_preset
+    from quickstep.train.loop import Trainer
+
+    dest = OUT / mixture_name / f"{name}-s{seed}.json"
+    if dest.exists():
+        print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
+        return dest
+    preset, teacher_kind, init, sets = recipe(name)
+    tdir = teacher_dir(mixture_name, teacher_steps)
+    mixture = gmm_preset(mixture_name)
+    if init:
+        sets = [*sets, f"init_from=\"{tdir}\""]
+    teacher = None if teacher_kind is None else (str(tdir) if teacher_kind == "trained" else f"gmm:{mixture_name}")
+    cfg = _config(preset, mixture_name, seed, steps, sets)
+    out = RUNS / mixture_name / f"{name}-s{seed}"
+    done = out / f"step-{steps:07d}"
+    if (done / "config.json").exists() and (out / "wall_seconds.txt").exists():
+        wall = float((out / "wall_seconds.txt").read_text())  # trained already: evaluate only
+    else:
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        tr = Trainer(cfg, out, teacher=teacher)
+        tr.fit()
+        wall = time.perf_counter() - t0
+        (out / "wall_seconds.txt").write_text(f"{wall:.2f}\n")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    curve = [{"step": r["step"], "time": r["time"] - log[0]["time"], **{k: v for k, v in r.items()
+             if k.startswith("map_err")}} for r in log]
+    model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval()
+    res = {"mixture": mixture_name, "recipe": name, "seed": seed, "steps": steps, "preset": preset,
+           "teacher": teacher_kind, "init_from_teacher": init, "overrides": sets[: len(sets) - int(init)],
+           "train_seconds": wall, "teacher_eval": evaluate_teacher(tdir, mixture, n),
+           **evaluate_student(model, mixture, n), "curve": curve,
+           "command": " ".join(["python scripts/students.py", *sys.argv[1:]])}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(res, indent=1))
+    print(f"{dest.relative_to(ROOT)}: 1-step W1 {res['one_step']['sliced_w1']:.4f} ll "
+          f"{res['one_step']['log_likelihood']:.3f} | 2-step (t_mid {res['two_step_t_mid']}) W1 "
+          f"{res['two_step']['sliced_w1']:.4f} ll {res['two_step']['log_likelihood']:.3f} | map "
+          f"{res['map_error_mean']:.4g} | {wall:.0f} s", flush=True)
+    return dest
+
+
+@torch.no_grad()
+def weighting_analysis(run_dir: Path, mixture_name: str, n: int = 2048) -> list[dict[str, float]]:
+    """Per sigma (band centres): the learned log-variance u(t) of a trained sCM student (raw weights), the mean
+    normalised-tangent MSE E||g_n||^2 / D at that t (what e^u tracks) and the raw tangent RMS, with the run's own
+    velocity (sCD: its teacher; sCT: the conditional velocity).  The effective per-t gradient scale is e^-u."""
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.core.trigflow import sigma_to_t
+    from quickstep.train.data import gmm_preset
+    from quickstep.train.loop import exact_teacher, exact_teacher_name, saved_teacher
+    from quickstep.train.losses.scm import SCMConfig, per_sample_norm, scm_step, scm_velocity_scd
+
+    path = ckpt.find_checkpoint(run_dir)
+    conf = ckpt.load_config(path)
+    model = ckpt.load_model(path, which="raw").eval()
+    name = next(iter(conf["train"]["objectives"]))
+    obj = conf["train"]["objectives"][name]
+    cfg = SCMConfig(**{k: v for k, v in obj.items() if k in SCMConfig.__dataclass_fields__})
+    teacher = None
+    if name == "scd":
+        tspec = saved_teacher(path)
+        teacher = (exact_teacher(exact_teacher_name(tspec), model.sigma_data) if exact_teacher_name(tspec)
+                   else ckpt.load_model(tspec).eval())
+    mix = gmm_preset(mixture_name)
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for sigma in (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0):
+        t = torch.full((n,), float(sigma_to_t(sigma, model.sigma_data)))
+        x0 = mix.sample(n, g)
+        z = model.sigma_data * torch.randn(n, mix.dim, generator=g)
+        dxdt = None if teacher is None else scm_velocity_scd(teacher, x0 * torch.cos(t)[:, None] +
+                                                              z * torch.sin(t)[:, None], t)
+        with torch.enable_grad():
+            out = scm_step(model, x0, z, t, dxdt, cfg, r=1.0)
+        rows.append({"sigma": sigma, "t": float(t[0]), "logvar": float(model.logvar(t[:1])[0]),
+                     "mse_normalised": float(out.mse.mean()),
+                     "g_raw_rms": float(per_sample_norm(out.g_raw, "rms").mean())})
+    return rows
+
+
+def _ms(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.4g}"
+    return f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g}"
+
+
+def summary(mixture: str) -> str:
+    """A markdown table of every recipe run so far on `mixture` (mean ± std over seeds)."""
+    files = sorted(f for f in (OUT / mixture).glob("*.json") if not f.name.startswith("weighting-"))
+    by: dict[str, list[dict[str, Any]]] = {}
+    for f in files:
+        r = json.loads(f.read_text())
+        by.setdefault(r["recipe"], []).append(r)
+    lines = [f"### {mixture}", ""]
+    if by:
+        t = next(iter(by.values()))[0]["teacher_eval"]["heun_35_nfe"]
+        lines += [f"teacher (gmm2d-stf, Heun 35 NFE): sliced W1 {t['sliced_w1']:.4f}, log-lik "
+                  f"{t['log_likelihood']:.3f}; data floor: sliced W1 {t['floor_sliced_w1']:.4f}, log-lik "
+                  f"{t['floor_log_likelihood']:.3f}", ""]
+    lines += ["| recipe | seeds | 1-step W1 | 1-step log-lik | 2-step W1 | 2-step log-lik | t_mid | map err | "
+              "train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(by.items()):
+        lines.append(f"| {name} | {len(rs)} | {_ms([r['one_step']['sliced_w1'] for r in rs])} | "
+                     f"{_ms([r['one_step']['log_likelihood'] for r in rs])} | "
+                     f"{_ms([r['two_step']['sliced_w1'] for r in rs])} | "
+                     f"{_ms([r['two_step']['log_likelihood'] for r in rs])} | "
+                     f"{', '.join(str(r['two_step_t_mid']) for r in rs)} | "
+                     f"{_ms([r['map_error_mean'] for r in rs])} | {_ms([r['train_seconds'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def plots(mixtures: list[str]) -> list[Path]:
+    """PNG per mixture: the EMA's exact-map error (mean over bands) against steps and against wall time, one line
+    per recipe (mean over seeds, band = min..max), written to docs/results/students/<mixture>-map-error.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    for mixture in mixtures:
+        by: dict[str, list[dict[str, Any]]] = {}
+        for f in sorted((OUT / mixture).glob("*.json")):
+            if f.name.startswith("weighting-"):
+                continue
+            r = json.loads(f.read_text())
+            by.setdefault(r["recipe"], []).append(r)
+        if not by:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, rs in sorted(by.items()):
+            n = min(len(r["curve"]) for r in rs)
+            steps = [rs[0]["curve"][i]["step"] for i in range(n)]
+            secs = [statistics.mean(r["curve"][i]["time"] * r["train_seconds"] / max(r["curve"][-1]["time"], 1e-9)
+                                    for r in rs) for i in range(n)]
+            vals = [[r["curve"][i]["map_err_ema/mean"] for r in rs] for i in range(n)]
+            mean = [statistics.mean(v) for v in vals]
+            for ax, x in ((axes[0], steps), (axes[1], secs)):
+                line, = ax.plot(x, mean, label=f"{name} ({len(rs)} seeds)")
+                ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=line.get_color())
+        for ax, xl in ((axes[0], "training step"), (axes[1], "training wall time (s, 2 shared CPU cores)")):
+            ax.set_yscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel("E||f_ema - Phi*||^2 (mean over sigma bands)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{mixture}: exact consistency-map error of the EMA student")
+        fig.tight_layout()
+        path = OUT / f"{mixture}-map-error.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mixture", default="ring8")
+    p.add_argument("--recipes", default="scd")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--n", type=int, default=8000)
+    p.add_argument("--summary", action="store_true")
+    p.add_argument("--plots", action="store_true", help="write the map-error plots of --mixture (comma-separated)")
+    p.add_argument("--analyse", nargs="*", metavar="RUN", help="weighting analysis of trained sCM runs (run names "
+                   "under runs/students/<mixture>/, e.g. scd-s0); writes <mixture>/weighting-<run>.json")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    if a.analyse:
+        for run in a.analyse:
+            rows = weighting_analysis(RUNS / a.mixture / run, a.mixture)
+            (OUT / a.mixture / f"weighting-{run}.json").write_text(json.dumps(rows, indent=1))
+            print(run)
+            for r in rows:
+                print(f"  sigma {r['sigma']:6g}  u {r['logvar']:+.3f}  e^-u {math.exp(-r['logvar']):8.3g}  "
+                      f"E|g_n|^2/D {r['mse_normalised']:.3g}  g_raw_rms {r['g_raw_rms']:.3g}")
+        return 0
+    if a.plots:
+        for path in plots(a.mixture.split(",")):
+            print(path.relative_to(ROOT))
+        return 0
+    if a.summary:
+        print(summary(a.mixture))
+        return 0
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for name in a.recipes.split(","):
+            run_one(a.mixture, name, seed, a.steps, a.teacher_steps, a.n)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
