@@ -206,6 +206,7 @@ class DataSource(_Model):
     path: str | None = None
     resolution: int | None = None
     split: str = "train"
+    crop: str = "none"
     options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
 

@@ -90,6 +90,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written (rank 0), or None
     step: int  # steps completed
     losses: list[float] = field(default_factory=list)  # total loss of every step run in this call
+    terms: list[dict[str, float]] = field(default_factory=list)  # every named term of every step run
     logs: list[dict[str, float]] = field(default_factory=list)  # the records logged (every log.every steps)
 
 
@@ -602,6 +603,7 @@ class Trainer:
                 if deadline < math.inf and self._past(deadline):  # max_seconds: this step is the last one
                     end = self.step
                 result.losses.append(out["loss"])
+                result.terms.append(out)
                 for k, v in out.items():
                     acc[k] = acc.get(k, 0.0) + v
                 n_acc += 1

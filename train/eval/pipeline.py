@@ -105,12 +105,12 @@ def dataset_args(meta: CheckpointMeta) -> dict[str, Any]:
 
     d = meta.train_data
     if d is not None and d.name in DATASETS:
-        return {"name": d.name, "path": d.path, "resolution": d.resolution, "options": dict(d.options),
-                "seed": d.seed}
+        return {"name": d.name, "path": d.path, "resolution": d.resolution, "crop": d.crop,
+                "options": dict(d.options), "seed": d.seed}
     spec = meta.data
     if spec is not None and spec.name in DATASETS:
         return {"name": spec.name, "path": None, "resolution": int(spec.shape[-1]) if len(spec.shape) == 3 else None,
-                "options": {}, "seed": 0}
+                "crop": "none", "options": {}, "seed": 0}
     named = spec.name if spec is not None else None
     raise EvalDataError(f"the checkpoint's config.json names no known data set (train.data / data: {named!r}); "
                         f"evaluation needs one of {list(DATASETS)} to compare against")
@@ -122,8 +122,9 @@ def load_split(meta: CheckpointMeta, split: str):
 
     d = dataset_args(meta)
     try:
+        # the data as trained on (same resolution and crop), never augmented: x-flip lives in the trainer only
         return load_dataset(d["name"], path=d["path"], split=split, seed=d["seed"], resolution=d["resolution"],
-                            **d["options"])
+                            crop=d["crop"], **d["options"])
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise EvalDataError(f"cannot load the {split} split of data set {d['name']!r}: {e}") from e
 
