@@ -22,6 +22,8 @@ import pydantic
 from PIL import Image
 from quickstep.serve.schemas import GenerateRequest, GenerateResponse, HealthStatus, ModelInfo, ModelList
 
+from quickstep import __version__
+
 from .errors import (
     ConnectionFailedError,
     DecodeError,
@@ -36,7 +38,6 @@ from .retry import RetryPolicy, parse_retry_after
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 60.0
-_VERSION = "0.1.0"
 
 
 def default_url() -> str:
@@ -161,7 +162,7 @@ class _Base:
             timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(float(timeout)))
         self.retry = retry if retry is not None else RetryPolicy()
         self._rng = random.Random(self.retry.seed)
-        self._headers = {"User-Agent": f"quickstep-client/{_VERSION}", **(headers or {})}
+        self._headers = {"User-Agent": f"quickstep-client/{__version__}", **(headers or {})}
         if self.api_key:
             self._headers["Authorization"] = f"Bearer {self.api_key}"
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import sys
+import tomllib  # Python >= 3.11, like the images
 from pathlib import Path
 
-import tomllib  # Python >= 3.11, like the images
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from quickstep.artifacts import AotiSection
+
 from .bundle import BundleError, bundle_graph_specs, bundle_model, read_manifest, refresh_files
-from .onnx import EXAMPLE_BATCH, ExportError, GraphSpec, ParityError, example_inputs, parity_check
+from .onnx import EXAMPLE_BATCH, ExportError, ExportGraph, ParityError, example_inputs, parity_check
 
 DEVICES = ("cpu", "cuda")
 
@@ -31,7 +33,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def _args(spec: GraphSpec, batch: int, num_classes: int, device: str) -> tuple[torch.Tensor, ...]:
+def _args(spec: ExportGraph, batch: int, num_classes: int, device: str) -> tuple[torch.Tensor, ...]:
     feeds = example_inputs(spec, batch, num_classes, seed=12345)
     return tuple(torch.from_numpy(feeds[s.name]).to(device) for s in spec.inputs)
 
@@ -46,7 +48,7 @@ def batch_dynamic_shapes(module: torch.nn.Module, args: tuple[torch.Tensor, ...]
     return out
 
 
-def compile_aoti(spec: GraphSpec, path: str | Path, *, num_classes: int, device: str = "cpu",
+def compile_aoti(spec: ExportGraph, path: str | Path, *, num_classes: int, device: str = "cpu",
                  max_batch: int = 256) -> dict[str, float]:
     """torch.export `spec.module` with batch = Dim('batch', 1..max_batch) and package it to `path` (.pt2)."""
     from torch.export import Dim
@@ -69,7 +71,7 @@ def load_aoti(path: str | Path):
     return torch._inductor.aoti_load_package(str(path))
 
 
-def aoti_parity(spec: GraphSpec, path: str | Path, batches: Sequence[int], *, num_classes: int,
+def aoti_parity(spec: ExportGraph, path: str | Path, batches: Sequence[int], *, num_classes: int,
                 device: str = "cpu", tol: float | None = None) -> dict[str, Any]:
     """AOTInductor package vs eager torch at each batch size (uint8 levels)."""
     runner = load_aoti(path)
@@ -114,10 +116,10 @@ def export_aoti_bundle(bundle: str | Path, *, device: str = "cpu", steps: Sequen
             tmp.replace(bundle / filename)
         finally:
             tmp.unlink(missing_ok=True)
-        manifest["graphs"][spec.key]["aoti"] = filename
-        manifest.setdefault("parity", {}).setdefault("aoti", {})[spec.key] = entry
+        manifest.graphs[spec.key].aoti = filename
+        manifest.parity.setdefault("aoti", {})[spec.key] = entry
         results[spec.key] = {"file": filename, **entry}
-    manifest["aoti"] = {"device": device, "max_batch": int(max_batch), "torch_version": torch.__version__}
+    manifest.aoti = AotiSection(device=device, max_batch=int(max_batch), torch_version=torch.__version__)
     refresh_files(bundle, manifest)
     return results
 

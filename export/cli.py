@@ -67,7 +67,7 @@ def onnx(
     parity_batches: str = typer.Option("1,7", help="batch sizes of the onnxruntime parity gate"),
 ) -> None:
     """Export a checkpoint to a bundle: whole-sampler ONNX graphs, denoiser.onnx, torch weights, manifest."""
-    from .bundle import detect_kind, export_bundle, read_manifest
+    from .bundle import check_kind, export_bundle, read_manifest
 
     step_list = _ints(steps, "--steps")
     batches = _ints(parity_batches, "--parity-batches")
@@ -75,10 +75,10 @@ def onnx(
     def go():
         if not ckpt.exists():
             raise ExportError(f"checkpoint directory {str(ckpt)!r} does not exist")
-        from quickstep.train.core.checkpoint import find_checkpoint, load_config
+        from quickstep.train.core.checkpoint import find_checkpoint, load_meta
 
         src = find_checkpoint(ckpt)  # a checkpoint, or a run directory's latest one
-        k = detect_kind(load_config(src), kind)
+        k = check_kind(kind, load_meta(src))
         kwargs = {}
         if step_list is not None:
             kwargs["steps" if k == "consistency" else "heun_steps"] = step_list
@@ -88,13 +88,13 @@ def onnx(
         return path, read_manifest(path), time.perf_counter() - t0
 
     path, m, seconds = _run(go)
-    typer.echo(f"wrote {m['kind']} bundle {m['name']!r} to {path} in {seconds:.1f} s "
-               f"(steps {m['steps_supported']}, opset {m['opset']}, {m['precision']})")
-    for key, e in m["parity"]["onnxruntime"].items():
+    typer.echo(f"wrote {m.kind} bundle {m.name!r} to {path} in {seconds:.1f} s "
+               f"(steps {m.steps_supported}, opset {m.opset}, {m.precision})")
+    for key, e in m.parity["onnxruntime"].items():
         errs = ", ".join(f"{k[12:]}={v:g}" for k, v in e.items() if k.startswith("max_abs_err_"))
         typer.echo(f"  parity onnxruntime[{key}]: {errs} {e['units']} (tolerance {e['tolerance']:g})")
-    for f, meta in m["files"].items():
-        typer.echo(f"  {f}: {meta['bytes'] / 1e6:.2f} MB")
+    for f, meta in m.files.items():
+        typer.echo(f"  {f}: {(meta.bytes or 0) / 1e6:.2f} MB")
 
 
 @app.command()

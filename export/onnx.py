@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from quickstep.train.core.generator import ConsistencyGenerator, DenoiserGraph, HeunGenerator
+from quickstep.train.core.generator import DenoiserGraph, generator_module
 from quickstep.train.core.model import TrigFlowModel
 from quickstep.train.core.networks import UNetConfig
 from torch import nn
+
+from quickstep.artifacts import GraphEntry, TensorSpec
 
 SUPPORTED_OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 CONSISTENCY_STEPS: tuple[int, ...] = (1, 2)
@@ -54,21 +56,13 @@ class MissingDependencyError(ExportError):
     """An optional dependency (onnx, onnxruntime, tensorrt) is not installed."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input/output: name, dtype and shape ('batch' marks the dynamic axis)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+def _t(name: str, dtype: str, shape: tuple[int | str, ...]) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
 
 
 @dataclass(frozen=True)
-class GraphSpec:
-    """A module to export and its named I/O. `key` is the manifest key ('1', '2', '18' or 'denoiser')."""
+class ExportGraph:
+    """A torch module to export and its named I/O. `key` is the manifest key ('1', '2', '18' or 'denoiser')."""
 
     key: str
     filename: str
@@ -77,8 +71,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     kind: str  # 'generator' (uint8 images) | 'denoiser' (float F)
 
-    def io_dict(self) -> dict[str, Any]:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+    def entry(self, **files: str) -> GraphEntry:
+        """The manifest entry of this graph: its files per backend and its I/O."""
+        return GraphEntry(inputs=list(self.inputs), outputs=list(self.outputs), **files)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -123,41 +118,41 @@ def _io(model: TrigFlowModel) -> tuple[tuple[int, int, int], bool]:
     return (cfg.img_channels, cfg.img_resolution, cfg.img_resolution), model.num_classes > 0
 
 
-def consistency_graph(model: TrigFlowModel, steps: int, ts: list[float] | None = None) -> GraphSpec:
-    """sCM 1- or 2-step sampler: noise[, noise2][, class_labels] -> images (uint8 NHWC); `ts` are the sampler's
-    times (the checkpoint's recorded ones; None = the core defaults)."""
+def consistency_graph(model: TrigFlowModel, steps: int, ts: list[float] | None = None) -> ExportGraph:
+    """sCM 1- or 2-step sampler at times `ts` (None: the core defaults): noise[, noise2][, class_labels] -> images
+    (uint8 NHWC)."""
     (c, h, w), cond = _io(model)
-    inputs = [TensorSpec("noise", "float32", ("batch", c, h, w))]
-    inputs += [TensorSpec(f"noise{k + 1}", "float32", ("batch", c, h, w)) for k in range(1, steps)]
+    inputs = [_t("noise", "float32", ("batch", c, h, w))]
+    inputs += [_t(f"noise{k + 1}", "float32", ("batch", c, h, w)) for k in range(1, steps)]
     if cond:
-        inputs.append(TensorSpec("class_labels", "int64", ("batch",)))
-    out = (TensorSpec("images", "uint8", ("batch", h, w, c)),)
-    return GraphSpec(str(steps), f"generator_{steps}step.onnx", ConsistencyGenerator(model, steps, ts=ts).eval(),
+        inputs.append(_t("class_labels", "int64", ("batch",)))
+    out = (_t("images", "uint8", ("batch", h, w, c)),)
+    return ExportGraph(str(steps), f"generator_{steps}step.onnx", generator_module(model, "consistency", steps, ts=ts).eval(),
                      tuple(inputs), out, "generator")
 
 
-def heun_graph(model: TrigFlowModel, num_steps: int) -> GraphSpec:
+def heun_graph(model: TrigFlowModel, num_steps: int) -> ExportGraph:
     """EDM Heun sampler unrolled over num_steps: noise[, class_labels] -> images (uint8 NHWC)."""
     (c, h, w), cond = _io(model)
-    inputs = [TensorSpec("noise", "float32", ("batch", c, h, w))]
+    inputs = [_t("noise", "float32", ("batch", c, h, w))]
     if cond:
-        inputs.append(TensorSpec("class_labels", "int64", ("batch",)))
-    out = (TensorSpec("images", "uint8", ("batch", h, w, c)),)
-    return GraphSpec(str(num_steps), f"generator_heun{num_steps}.onnx", HeunGenerator(model, num_steps).eval(),
+        inputs.append(_t("class_labels", "int64", ("batch",)))
+    out = (_t("images", "uint8", ("batch", h, w, c)),)
+    return ExportGraph(str(num_steps), f"generator_heun{num_steps}.onnx", generator_module(model, "diffusion", num_steps).eval(),
                      tuple(inputs), out, "generator")
 
 
-def denoiser_graph(model: TrigFlowModel) -> GraphSpec:
+def denoiser_graph(model: TrigFlowModel) -> ExportGraph:
     """The raw network: x_t, t[, class_labels] -> F_theta(x_t / sigma_d, t, y)."""
     (c, h, w), cond = _io(model)
-    inputs = [TensorSpec("x_t", "float32", ("batch", c, h, w)), TensorSpec("t", "float32", ("batch",))]
+    inputs = [_t("x_t", "float32", ("batch", c, h, w)), _t("t", "float32", ("batch",))]
     if cond:
-        inputs.append(TensorSpec("class_labels", "int64", ("batch",)))
-    out = (TensorSpec("F", "float32", ("batch", c, h, w)),)
-    return GraphSpec("denoiser", "denoiser.onnx", DenoiserGraph(model).eval(), tuple(inputs), out, "denoiser")
+        inputs.append(_t("class_labels", "int64", ("batch",)))
+    out = (_t("F", "float32", ("batch", c, h, w)),)
+    return ExportGraph("denoiser", "denoiser.onnx", DenoiserGraph(model).eval(), tuple(inputs), out, "denoiser")
 
 
-def example_inputs(spec: GraphSpec, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(spec: ExportGraph, batch: int, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for `spec` at `batch`: N(0, I) noise, uniform labels, x_t ~ N(0, sigma_d^2), t ~ U(0.05, 1.55)."""
     rng = np.random.default_rng([seed, batch])
     feeds: dict[str, np.ndarray] = {}
@@ -174,7 +169,7 @@ def example_inputs(spec: GraphSpec, batch: int, num_classes: int, seed: int = 0)
     return feeds
 
 
-def run_torch(spec: GraphSpec, feeds: dict[str, np.ndarray], device: str = "cpu") -> np.ndarray:
+def run_torch(spec: ExportGraph, feeds: dict[str, np.ndarray], device: str = "cpu") -> np.ndarray:
     """The eager fp32 reference output of `spec.module` for numpy feeds."""
     args = [torch.from_numpy(feeds[s.name]).to(device) for s in spec.inputs]
     with torch.no_grad():
@@ -222,7 +217,7 @@ def _import_onnx():
     return onnx
 
 
-def export_onnx(spec: GraphSpec, path: str | Path, *, opset: int = 17, fp16: bool = False, num_classes: int = 0) -> float:
+def export_onnx(spec: ExportGraph, path: str | Path, *, opset: int = 17, fp16: bool = False, num_classes: int = 0) -> float:
     """Export `spec.module` to `path` (single file, dynamic batch axis) and run onnx.checker; returns seconds."""
     check_opset(opset)
     onnx = _import_onnx()
@@ -326,7 +321,7 @@ def ort_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvi
     return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
 
 
-def max_error(spec: GraphSpec, got: np.ndarray, ref: np.ndarray) -> float:
+def max_error(spec: ExportGraph, got: np.ndarray, ref: np.ndarray) -> float:
     """uint8 graphs: max |diff| in grey levels; float graphs: max |diff| / max(1, max |ref|)."""
     if got.shape != ref.shape:
         return float("inf")
@@ -335,14 +330,14 @@ def max_error(spec: GraphSpec, got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - ref).max(initial=0.0) / max(1.0, float(np.abs(ref).max(initial=0.0))))
 
 
-def tolerance(spec: GraphSpec, precision: str) -> float:
+def tolerance(spec: ExportGraph, precision: str) -> float:
     """The parity tolerance of `spec` at `precision` ('fp32' | 'fp16')."""
     table = GENERATOR_TOLERANCE if spec.kind == "generator" else DENOISER_TOLERANCE
     return float(table[precision])
 
 
 def parity_check(
-    spec: GraphSpec, run, batches: Sequence[int], *, num_classes: int, precision: str = "fp32",
+    spec: ExportGraph, run, batches: Sequence[int], *, num_classes: int, precision: str = "fp32",
     tol: float | None = None, seed: int = 0, device: str = "cpu",
 ) -> dict[str, Any]:
     """Compare `run(feeds) -> ndarray` with the eager torch module at each batch size; a manifest parity entry."""
@@ -358,7 +353,7 @@ def parity_check(
     return entry
 
 
-def onnx_parity(spec: GraphSpec, path: str | Path, batches: Sequence[int], *, num_classes: int,
+def onnx_parity(spec: ExportGraph, path: str | Path, batches: Sequence[int], *, num_classes: int,
                 precision: str = "fp32", tol: float | None = None) -> dict[str, Any]:
     """onnxruntime (CPU) vs eager torch at each batch size."""
     sess = ort_session(path, threads=1)  # parity batches are small; one thread avoids oversubscription

@@ -18,7 +18,6 @@ Needs the `gpu` extra (tensorrt) and a CUDA GPU; `quickstep-export tensorrt` exi
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from quickstep.artifacts import plan_tag
+
 from .bundle import bundle_graph_specs, bundle_model, read_manifest, refresh_files
 from .onnx import (
     GENERATOR_TOLERANCE,
     ExportError,
-    GraphSpec,
+    ExportGraph,
     ParityError,
     example_inputs,
     max_error,
@@ -62,11 +63,10 @@ def import_tensorrt():
 
 
 def engine_tag(trt) -> str:
-    """'<gpu name>.trt<version>' with filesystem-safe characters, e.g. 'NVIDIA_H200.trt10.13.3'."""
+    """This GPU's plan tag (`quickstep.artifacts.plan_tag`), e.g. 'NVIDIA_H200.trt10.13.3'."""
     import torch
 
-    gpu = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(0)).strip("_")
-    return f"{gpu}.trt{trt.__version__}"
+    return plan_tag(torch.cuda.get_device_name(0), trt.__version__)
 
 
 def check_buckets(batches: Sequence[int]) -> tuple[int, ...]:
@@ -77,7 +77,7 @@ def check_buckets(batches: Sequence[int]) -> tuple[int, ...]:
     return b
 
 
-def _profiles(spec: GraphSpec, buckets: Sequence[int]) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+def _profiles(spec: ExportGraph, buckets: Sequence[int]) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
     """Profile 0 covers every batch in [1, largest bucket] (what a plain execution context uses); profile i >= 1
     covers (bucket i-1, bucket i] and is optimised for bucket i."""
     ranges = [(1, buckets[-1], buckets[-1])]
@@ -95,7 +95,7 @@ def _profiles(spec: GraphSpec, buckets: Sequence[int]) -> list[dict[str, tuple[t
     return out
 
 
-def build_engine(trt, onnx_path: Path, spec: GraphSpec, buckets: Sequence[int], timing_cache: Path,
+def build_engine(trt, onnx_path: Path, spec: ExportGraph, buckets: Sequence[int], timing_cache: Path,
                  *, opt_level: int = 3, workspace: int = WORKSPACE_BYTES) -> bytes:
     """Serialized TensorRT plan for one ONNX graph (strongly typed, one profile per batch bucket)."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -181,7 +181,7 @@ class TensorRTRunner:
         return outs[self.outputs[0]].cpu().numpy()
 
 
-def tensorrt_parity(spec: GraphSpec, onnx_path: Path, runner: TensorRTRunner, batches: Sequence[int], *,
+def tensorrt_parity(spec: ExportGraph, onnx_path: Path, runner: TensorRTRunner, batches: Sequence[int], *,
                     num_classes: int, tol: float) -> dict[str, Any]:
     """TensorRT vs onnxruntime (CPU) on the same random inputs at each batch size."""
     sess = ort_session(onnx_path)
@@ -207,12 +207,15 @@ def export_tensorrt_bundle(bundle: str | Path, *, batches: Sequence[int] = DEFAU
     model = bundle_model(bundle)
     tag = engine_tag(trt)
     cache = Path(timing_cache) if timing_cache else Path.home() / ".cache" / "quickstep" / "tensorrt" / f"{tag}.timing"
-    precision = manifest.get("precision", "fp32")
+    precision = manifest.precision
     tol = float(GENERATOR_TOLERANCE[precision] + 1)  # TensorRT picks its own kernels: allow one more level
     parity_batches = sorted({1, buckets[-1], max(1, buckets[-1] - 1)})
     results: dict[str, Any] = {}
     for spec in bundle_graph_specs(bundle, manifest, model):
-        onnx_path = bundle / manifest["graphs"][spec.key]["onnx"]
+        graph = manifest.graphs[spec.key]
+        if not graph.onnx:
+            raise ExportError(f"the bundle's graph for steps={spec.key} has no ONNX file to build from")
+        onnx_path = bundle / graph.onnx
         t0 = time.perf_counter()
         plan = build_engine(trt, onnx_path, spec, buckets, cache, opt_level=opt_level)
         build_s = time.perf_counter() - t0
@@ -225,12 +228,12 @@ def export_tensorrt_bundle(bundle: str | Path, *, batches: Sequence[int] = DEFAU
         tmp = bundle / f".{filename}.tmp"
         tmp.write_bytes(plan)
         os.replace(tmp, bundle / filename)
-        graph = manifest["graphs"][spec.key]
-        graph["tensorrt"] = filename  # the latest build; every GPU/TensorRT build stays in tensorrt_plans
-        graph.setdefault("tensorrt_plans", {})[tag] = filename
-        manifest.setdefault("parity", {}).setdefault("tensorrt", {}).setdefault(tag, {})[spec.key] = entry
+        graph.tensorrt = filename  # the latest build; every GPU/TensorRT build stays in tensorrt_plans
+        graph.tensorrt_plans[tag] = filename
+        manifest.parity.setdefault("tensorrt", {}).setdefault(tag, {})[spec.key] = entry
         results[spec.key] = {"file": filename, "bytes": len(plan), **entry}
-    manifest.setdefault("tensorrt", {})[tag] = {"trt_version": trt.__version__, "batch_buckets": list(buckets),
+    manifest.tensorrt = manifest.tensorrt or {}
+    manifest.tensorrt[tag] = {"trt_version": trt.__version__, "batch_buckets": list(buckets),
                                                  "strongly_typed": True, "precision": precision}
     refresh_files(bundle, manifest)
     return results

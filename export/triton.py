@@ -32,6 +32,8 @@ from typing import Any
 
 from quickstep.train.core.checkpoint import atomic_write_dir
 
+from quickstep.artifacts import GraphEntry
+
 from .bundle import read_manifest
 from .onnx import ExportError
 
@@ -177,10 +179,10 @@ def check_against_onnx(config, onnx_path: str | Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-def _plan_for(graph: dict[str, Any], engine: str | None) -> str:
-    plans = dict(graph.get("tensorrt_plans") or {})
-    if not plans and isinstance(graph.get("tensorrt"), str):
-        plans = {"default": graph["tensorrt"]}
+def _plan_for(graph: GraphEntry, engine: str | None) -> str:
+    plans = dict(graph.tensorrt_plans)
+    if not plans and graph.tensorrt:
+        plans = {"default": graph.tensorrt}
     if not plans:
         raise ExportError("this bundle has no TensorRT plans; run `quickstep-export tensorrt --bundle B` on the "
                           "target GPU first, or use --backend onnxruntime")
@@ -208,19 +210,19 @@ def write_triton_repository(
         raise ExportError(f"max batch must be in [1, 4096], got {max_batch}")
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    base = triton_name(str(manifest.get("name") or bundle.name))
-    suffix = "step" if manifest.get("kind") == "consistency" else ""
-    prefix = "" if manifest.get("kind") == "consistency" else "heun"
+    base = triton_name(manifest.name)
+    suffix = "step" if manifest.kind == "consistency" else ""
+    prefix = "" if manifest.kind == "consistency" else "heun"
     models: list[tuple[str, dict[str, Any], Path]] = []
-    for key, graph in sorted(manifest["graphs"].items(), key=lambda kv: int(kv[0])):
-        src = bundle / (graph["onnx"] if backend == "onnxruntime" else _plan_for(graph, engine))
-        models.append((f"{base}_{prefix}{key}{suffix}", graph, src))
-    den = manifest.get("denoiser") or {}
-    if include_denoiser and backend == "onnxruntime" and den.get("onnx"):
-        models.append((f"{base}_denoiser", den, bundle / den["onnx"]))
-    shared = str((manifest.get("onnx_external_data") or {}).get("file", ""))
-    if shared and (Path(shared).name != shared or shared.startswith(".")):
-        raise ExportError(f"manifest names an invalid external-data file {shared!r}")
+    for key, graph in sorted(manifest.graphs.items(), key=lambda kv: int(kv[0])):
+        if backend == "onnxruntime" and not graph.onnx:
+            raise ExportError(f"the bundle's graph for steps={key} has no ONNX file")
+        src = bundle / (graph.onnx if backend == "onnxruntime" else _plan_for(graph, engine))
+        models.append((f"{base}_{prefix}{key}{suffix}", graph.io_dict(), src))
+    den = manifest.denoiser
+    if include_denoiser and backend == "onnxruntime" and den is not None and den.onnx:
+        models.append((f"{base}_denoiser", den.io_dict(), bundle / den.onnx))
+    shared = manifest.onnx_external_data.file if manifest.onnx_external_data is not None else ""
     written: dict[str, Path] = {}
     for name, io, src in models:
         text = model_config(name, io, backend=backend, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,

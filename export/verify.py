@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import MANIFEST, BundleError, bundle_graph_specs, bundle_model, read_manifest, sha256_file
+from quickstep.artifacts import MANIFEST, BundleError, BundleManifest, sha256_file
+
+from .bundle import bundle_graph_specs, bundle_model, read_manifest
 from .onnx import ParityError, denoiser_graph, onnx_parity
 
 
@@ -44,9 +46,9 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def check_hashes(bundle: Path, manifest: dict[str, Any], report: VerifyReport) -> None:
+def check_hashes(bundle: Path, manifest: BundleManifest, report: VerifyReport) -> None:
     """Every listed file exists with its sha256 and size; no unlisted files; referenced files are listed."""
-    files = manifest.get("files") or {}
+    files = manifest.files
     if not files:
         report.failures.append(f"{MANIFEST} lists no files")
     for rel, meta in files.items():
@@ -56,47 +58,40 @@ def check_hashes(bundle: Path, manifest: dict[str, Any], report: VerifyReport) -
             continue
         report.checked.append(rel)
         digest = sha256_file(p)
-        if digest != meta.get("sha256"):
+        if digest != meta.sha256:
             report.failures.append(f"{rel}: sha256 {digest[:16]}... does not match the manifest's "
-                                   f"{str(meta.get('sha256'))[:16]}... (file modified or corrupt)")
-        elif "bytes" in meta and p.stat().st_size != meta["bytes"]:
-            report.failures.append(f"{rel}: size {p.stat().st_size} != manifest {meta['bytes']}")
+                                   f"{meta.sha256[:16]}... (file modified or corrupt)")
+        elif meta.bytes is not None and p.stat().st_size != meta.bytes:
+            report.failures.append(f"{rel}: size {p.stat().st_size} != manifest {meta.bytes}")
     for p in sorted(bundle.rglob("*")):
         rel = p.relative_to(bundle).as_posix()
         if p.is_file() and p.name != MANIFEST and rel not in files and not p.name.startswith("."):
             report.failures.append(f"{rel}: present in the bundle but not listed in {MANIFEST}")
-    graphs = [*manifest.get("graphs", {}).values(), manifest.get("denoiser") or {}]
-    referenced = [g.get(b) for g in graphs for b in ("onnx", "aoti", "tensorrt")]
-    referenced += [f for g in graphs for f in (g.get("tensorrt_plans") or {}).values()]
-    referenced += list((manifest.get("torch") or {}).values())
-    for ref in referenced:
-        if isinstance(ref, str) and ref not in files:
+    for ref in manifest.referenced_files():
+        if ref not in files:
             report.failures.append(f"{ref}: referenced by {MANIFEST} but not in its files table")
 
 
-def check_parity(bundle: Path, manifest: dict[str, Any], report: VerifyReport, batches: Sequence[int]) -> None:
+def check_parity(bundle: Path, manifest: BundleManifest, report: VerifyReport, batches: Sequence[int]) -> None:
     """Re-run onnxruntime (and AOTInductor, where present) against the bundle's own torch model."""
     model = bundle_model(bundle)
-    precision = manifest.get("precision", "fp32")
-    stored = manifest.get("parity", {})
     specs = bundle_graph_specs(bundle, manifest, model)
-    den = manifest.get("denoiser") or {}
-    if den.get("onnx"):
+    if manifest.denoiser is not None and manifest.denoiser.onnx:
         specs.append(denoiser_graph(model))
     ort_results: dict[str, Any] = {}
     for spec in specs:
-        tol = (stored.get("onnxruntime", {}).get(spec.key) or {}).get("tolerance")
+        tol = manifest.parity_tolerance("onnxruntime", spec.key)
         entry = onnx_parity(spec, bundle / spec.filename, batches, num_classes=model.num_classes,
-                            precision=precision, tol=tol)
+                            precision=manifest.precision, tol=tol)
         ort_results[spec.key] = entry
         if not entry["passed"]:
             report.failures.append(f"{spec.filename}: onnxruntime parity failed ({entry})")
     report.parity["onnxruntime"] = ort_results
-    aoti_graphs = {k: g["aoti"] for k, g in manifest.get("graphs", {}).items() if g.get("aoti")}
+    aoti_graphs = {k: g.aoti for k, g in manifest.graphs.items() if g.aoti}
     if aoti_graphs:
         from .aoti import aoti_parity
 
-        device = (manifest.get("aoti") or {}).get("device", "cpu")
+        device = manifest.aoti.device if manifest.aoti is not None and manifest.aoti.device else "cpu"
         if device == "cuda":
             import torch
 
@@ -112,7 +107,7 @@ def check_parity(bundle: Path, manifest: dict[str, Any], report: VerifyReport, b
             report.parity["aoti"][spec.key] = entry
             if not entry["passed"]:
                 report.failures.append(f"{aoti_graphs[spec.key]}: AOTInductor parity failed ({entry})")
-    if any(g.get("tensorrt") for g in manifest.get("graphs", {}).values()):
+    if any(g.tensorrt for g in manifest.graphs.values()):
         report.skipped.append("tensorrt parity (run `quickstep-export tensorrt` on the target GPU to re-check)")
 
 

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = {"command": command, "run_dir": path,
                       **run_summary(Path(path), int(step) if step else None)}
     manifest = read_manifest(args.bundle)
-    manifest["provenance"] = {"runs": runs, "commands": args.command, "hardware": hardware(), "note": args.note}
+    manifest.provenance = {"runs": runs, "commands": args.command, "hardware": hardware(), "note": args.note}
     write_manifest(args.bundle, manifest)
-    json.dump(manifest["provenance"], sys.stdout, indent=2)
+    json.dump(manifest.provenance, sys.stdout, indent=2)
     print()
     return 0
 

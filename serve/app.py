@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from quickstep import __version__
+
 from .bundle import Bundle, BundleError, bundled_default, discover_bundles, load_bundle
 from .errors import InvalidHeader, InvalidRequest, ServeError, api_of
 from .metrics import ServeMetrics
@@ -191,7 +193,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
                     await loader
             await service.close()
 
-    app = FastAPI(title="Quickstep", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Quickstep", version=__version__, lifespan=lifespan,
                   description="Low-latency 1-2 step image generation (DESIGN.md 'Serving contract').")
     app.state.settings = settings
     app.state.service = service

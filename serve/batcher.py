@@ -128,7 +128,7 @@ class MicroBatcher:
         self._wakeup.set()
         try:
             return await asyncio.wait_for(job.future, max(0.0, job.deadline - loop.time()))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             self._m.dropped.labels(self.model, "deadline").inc()
             raise DeadlineExceeded(f"the request did not complete within its deadline "
                                    f"({(job.deadline - job.enqueued) * 1000:.0f} ms)") from None
@@ -196,7 +196,7 @@ class MicroBatcher:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), window_end - loop.time())
-                except (asyncio.TimeoutError, TimeoutError):
+                except TimeoutError:
                     break
             if not self._queue:
                 continue
@@ -277,7 +277,7 @@ class MicroBatcher:
             return
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             self._task.cancel()
             for job in list(self._queue):
                 job.fail(ShuttingDown("server shut down before the request ran"))

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from quickstep.artifacts import draw_labels, draw_noise
+
 from .backends.base import Backend, create_backend
 from .batcher import Disconnected, Job, MicroBatcher
 from .bundle import Bundle, check_quality_gate
@@ -32,30 +34,7 @@ MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
-# ----------------------------------------------------------------------------------------------- seeds and images
-def draw_noise(seed: int, n: int, shape: tuple[int, int, int], num_noise: int) -> list[np.ndarray]:
-    """Image k uses default_rng([seed, k]).standard_normal((C,H,W), float32), then the 2nd draw for noise2, ...
-    -> num_noise arrays [n, C, H, W] (DESIGN.md: same pixels whatever the image is batched with)."""
-    out = [np.empty((n, *shape), np.float32) for _ in range(num_noise)]
-    for k in range(n):
-        rng = np.random.default_rng([seed, k])
-        for j in range(num_noise):
-            out[j][k] = rng.standard_normal(shape, dtype=np.float32)
-    return out
-
-
-def draw_labels(seed: int, n: int, num_classes: int, num_noise: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Class labels when a conditional model gets none: image k's label is the next draw of default_rng([seed, k])
-    after its noise, integers(0, num_classes)."""
-    labels = np.empty((n,), np.int64)
-    for k in range(n):
-        rng = np.random.default_rng([seed, k])
-        for _ in range(num_noise):
-            rng.standard_normal(shape, dtype=np.float32)
-        labels[k] = rng.integers(0, num_classes)
-    return labels
-
-
+# ----------------------------------------------------------------------------------------------- images
 def upscale_nearest(images: np.ndarray, scale: int) -> np.ndarray:
     """[B, H, W, C] -> [B, H*scale, W*scale, C] by pixel repetition."""
     if scale == 1:
@@ -309,7 +288,7 @@ class GenerationService:
                          steps_supported=list(b.steps_supported), default_steps=b.default_steps,
                          max_batch=self.settings.max_batch, ready=rt.ready,
                          class_names=class_names(b) if b.num_classes else None, class_aliases=dict(b.class_aliases),
-                         sizes=image_sizes(b), quality=b.quality)
+                         sizes=image_sizes(b), quality=None if b.quality is None else b.quality.to_json())
 
     def max_n(self) -> int:
         return self.settings.max_images_per_request
@@ -414,7 +393,7 @@ def created_time(bundle: Bundle) -> int:
     """The manifest's `created` (ISO 8601, UTC) as Unix time; 0 when absent or unreadable."""
     import datetime as dt
 
-    text = bundle.manifest.get("created")
+    text = bundle.manifest.created
     try:
         return int(dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()) if text else 0
     except ValueError:

@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from quickstep.artifacts import Quality
+
 from .errors import ServeError
 from .schemas import MAX_SEED, GenerateRequest
 from .service import GenerationService, upscale_nearest
@@ -44,24 +46,24 @@ def _num(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
-def quality_markdown(quality: dict[str, Any] | None, backend: str) -> str:
+def quality_markdown(quality: Quality | None, backend: str) -> str:
     """The manifest's quality section (written by `quickstep-export report`) for the serving backend, as Markdown:
     FD, class accuracy and batch-1 latency per step count, flags, and the teacher's FD."""
-    if not quality or not isinstance(quality.get("backends"), dict):
+    if quality is None:
         return "*No quality report in this bundle (`quickstep-export report BUNDLE --out DIR` adds one).*"
-    per = quality["backends"].get(backend)
+    per = quality.backends.get(backend)
     if not per:
-        measured = ", ".join(sorted(quality["backends"])) or "none"
+        measured = ", ".join(sorted(quality.backends)) or "none"
         return f"*Quality not measured on backend `{backend}` (measured: {measured}).*"
-    lines = [f"**Quality as served** ({backend}, n={quality.get('n', '?')}, vs {quality.get('data', 'held-out data')})",
+    lines = [f"**Quality as served** ({backend}, n={quality.n if quality.n is not None else '?'}, "
+             f"vs {quality.data or 'held-out data'})",
              "", "| steps | FD | class acc | ms @b1 | flagged |", "|---|---|---|---|---|"]
     for steps, e in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
-        lat = (e.get("latency_ms") or {}).get("1")
-        lines.append(f"| {steps} | {_num(e.get('fd'))} | {_num(e.get('class_accuracy'), 3)} | {_num(lat, 3)} | "
-                     f"{'**yes**' if e.get('flagged') else 'no'} |")
-    t = quality.get("teacher")
-    if isinstance(t, dict):
-        lines += ["", f"Teacher ({t.get('nfe', '?')} NFE): FD {_num(t.get('fd'))}"]
+        lines.append(f"| {steps} | {_num(e.fd)} | {_num(e.class_accuracy, 3)} | {_num(e.latency_ms.get('1'), 3)} | "
+                     f"{'**yes**' if e.flagged else 'no'} |")
+    t = quality.teacher
+    if t is not None:
+        lines += ["", f"Teacher ({t.nfe if t.nfe is not None else '?'} NFE): FD {_num(t.fd)}"]
     return "\n".join(lines)
 
 

@@ -99,14 +99,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .core import checkpoint as ckpt
     from .core.sampling import karras_sigmas, sample_consistency, sample_euler, sample_heun, sample_sde
-    from .loop import checkpoint_kind, find_checkpoint, save_samples_png
+    from .loop import find_checkpoint, save_samples_png
 
     if args.n < 1:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     try:
         path = find_checkpoint(args.ckpt)
-        config = ckpt.load_config(path)
-        kind = checkpoint_kind(config)
+        config = ckpt.load_meta(path)
+        kind = config.kind
         times = ckpt.recorded_times(config)  # the checkpoint's own consistency times, when it records them
         sampler = args.sampler or ("consistency" if kind == "consistency" else "heun")
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]

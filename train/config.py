@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
-
-import tomllib
 
 from .core.networks import MLPConfig, ModelConfig, UNetConfig
 

@@ -31,13 +31,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from quickstep.artifacts import CheckpointMeta, DataSpec, SamplerSpec, TeacherRef, sha256_file
+
 from .config import TrainConfig, build_config, model_config
 from .core import checkpoint as ckpt
 from .core.model import TrigFlowModel, build_model
 from .core.networks import ModelConfig
-from .core.sampling import heun_teacher_sample
+from .core.sampling import generate
+from .core.trigflow import consistency_times
 from .data import to_unit
-from .losses import OBJECTIVES, Batch, StepContext, build_objective, get_objective_spec
+from .losses import Batch, StepContext, build_objective, get_objective_spec
 from .stream import DataFeed, InfiniteSampler
 
 CKPT_PREFIX = ckpt.CKPT_PREFIX
@@ -88,6 +91,7 @@ class TrainResult:
     step: int  # steps completed
     losses: list[float] = field(default_factory=list)  # total loss of every step run in this call
     terms: list[dict[str, float]] = field(default_factory=list)  # every named term of every step run
+    logs: list[dict[str, float]] = field(default_factory=list)  # the records logged (every log.every steps)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -146,49 +150,44 @@ def exact_teacher(name: str, sigma_data: float) -> TrigFlowModel:
     return exact_model(gmm_preset(name), sigma_data=sigma_data).requires_grad_(False)
 
 
-def teacher_record(teacher: str | Path) -> dict[str, str]:
-    """{'path': absolute checkpoint directory, 'sha256': of its model.safetensors}: what a student's config.json
-    records about its teacher, so that `--resume` finds it again (and notices if it changed).  An exact mixture
-    teacher is recorded as {'path': 'gmm:<preset>', 'exact': '<preset>'}."""
+def teacher_record(teacher: str | Path) -> TeacherRef:
+    """What a student's config.json records about its teacher: the sha256 of its model.safetensors and its
+    checkpoint directory relative to the working directory (never an absolute path), so that `--resume` finds it
+    again and notices if it changed.  An exact mixture teacher is recorded by its preset."""
     name = exact_teacher_name(teacher)
     if name is not None:
-        return {"path": f"{EXACT_TEACHER_PREFIX}{name}", "exact": name}
-    path = find_checkpoint(teacher).resolve()
-    return {"path": str(path), "sha256": ckpt.sha256_file(path / ckpt.WEIGHTS)}
+        return TeacherRef(exact=name)
+    return TeacherRef.of(find_checkpoint(teacher))
 
 
-def saved_teacher(checkpoint: str | Path) -> Path | str | None:
+def saved_teacher(checkpoint: str | Path) -> str | Path | None:
     """The teacher recorded in a student checkpoint's config.json, checked to still exist unchanged; None if the
-    checkpoint records none.  Raises a CheckpointError naming the path when it is gone or its weights changed."""
+    checkpoint records none.  Raises a CheckpointError naming the reference when it is gone or its weights changed."""
     checkpoint = find_checkpoint(checkpoint)
-    rec = ckpt.load_config(checkpoint).get("teacher")
-    if isinstance(rec, str):
-        rec = {"path": rec}
-    if not isinstance(rec, dict) or not rec.get("path"):
+    rec = ckpt.load_meta(checkpoint).teacher
+    if rec is None:
         return None
-    if exact_teacher_name(rec["path"]) is not None:
-        return str(rec["path"])
-    path = Path(rec["path"])
+    if rec.exact is not None:
+        return f"{EXACT_TEACHER_PREFIX}{rec.exact}"
     hint = "pass --teacher DIR to resume with a teacher checkpoint explicitly"
+    if rec.ref is None:
+        raise ckpt.CheckpointNotFoundError(f"{checkpoint} records its teacher only by hash (sha256 "
+                                           f"{(rec.sha256 or '')[:12]}...; format 1 checkpoints kept an absolute "
+                                           f"path, which is not carried over); {hint}")
+    path = Path(rec.ref)
     if not ((path / ckpt.CONFIG).is_file() and (path / ckpt.WEIGHTS).is_file()):
-        raise ckpt.CheckpointNotFoundError(f"the teacher recorded in {checkpoint} ({str(path)!r}) no longer exists "
-                                           f"or is not a checkpoint directory; {hint}")
-    want = rec.get("sha256")
-    if want and ckpt.sha256_file(path / ckpt.WEIGHTS) != want:
-        raise ckpt.CheckpointMismatchError(f"the teacher recorded in {checkpoint} ({str(path)!r}) has changed since "
+        raise ckpt.CheckpointNotFoundError(f"the teacher recorded in {checkpoint} ({rec.ref!r}, relative to "
+                                           f"{str(Path.cwd())!r}) no longer exists or is not a checkpoint directory; "
+                                           f"{hint}")
+    if sha256_file(path / ckpt.WEIGHTS) != rec.sha256:
+        raise ckpt.CheckpointMismatchError(f"the teacher recorded in {checkpoint} ({rec.ref!r}) has changed since "
                                            f"the run started (sha256 of {ckpt.WEIGHTS} differs); {hint}")
     return path
 
 
-def checkpoint_kind(config: dict[str, Any]) -> str:
-    """'consistency' or 'diffusion' for a checkpoint's config.json: its 'kind' if set, else 'consistency' when a
-    training objective samples with the consistency sampler (sCT, sCD, Direct CM, CD)."""
-    if config.get("kind") in ("consistency", "diffusion"):
-        return str(config["kind"])
-    names = config.get("objectives") or list((config.get("train") or {}).get("objectives") or {})
-    if any(n in OBJECTIVES and getattr(OBJECTIVES[n].factory, "sampler", "heun") == "consistency" for n in names):
-        return "consistency"
-    return "diffusion"
+def objectives_kind(objectives) -> str:
+    """The kind of model a set of objectives trains: 'consistency' when one declares the consistency sampler."""
+    return "consistency" if any(o.sampler == "consistency" for o in objectives) else "diffusion"
 
 
 def _git_revision() -> str | None:
@@ -277,7 +276,7 @@ class Trainer:
 
         # [issue 4] students (sCD, Direct CM, CD) start as the teacher's EMA with a fresh logvar head
         self.teacher: TrigFlowModel | None = None
-        self.teacher_info: dict[str, str] | None = None  # saved in config.json: --resume finds the teacher again
+        self.teacher_info: TeacherRef | None = None  # saved in config.json: --resume finds the teacher again
         needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
         if teacher is None and resume is not None and needs:
             teacher = saved_teacher(resume)
@@ -285,13 +284,12 @@ class Trainer:
         if teacher is not None:
             self.teacher_info = teacher_record(teacher)
         if teacher is not None and exact_name is None:
-            self.teacher = ckpt.load_model(self.teacher_info["path"], which="ema").to(self.device)
+            self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
             self.teacher.eval().requires_grad_(False)
         # also on resume: the student has the teacher's architecture (the preset's [model] is unused), and _load
         # then replaces the weights.  An exact teacher has no weights: the student is the preset's [model] (or
         # init_from's network, with a fresh logvar head for the objectives that start from a teacher).
-        wants_teacher_init = any(getattr(get_objective_spec(n).factory, "init_from_teacher", False)
-                                 for n in cfg.objectives)
+        wants_teacher_init = any(get_objective_spec(n).init_from_teacher for n in cfg.objectives)
         init_from_teacher = self.teacher is not None and not cfg.init_from and wants_teacher_init
 
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
@@ -340,6 +338,7 @@ class Trainer:
         # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
         # or of the JSON the config round-trips through on resume
         self.objectives = {name: build_objective(name, cfg.objectives[name]) for name in sorted(cfg.objectives)}
+        self.kind = objectives_kind(self.objectives.values())  # recorded in every checkpoint: nothing guesses it
         if self.teacher is None and needs:
             why = f" (checkpoint {resume} records none)" if resume is not None else ""
             raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR{why}")
@@ -354,7 +353,7 @@ class Trainer:
         self.map_probe = None  # [issue 17] exact consistency-map error of a student on mixture data, per log
         mixture = getattr(dataset, "mixture", None)
         if (self.rank == 0 and mixture is not None and cfg.log.map_error_n > 0 and self.model.num_classes == 0
-                and any(getattr(o, "sampler", "heun") == "consistency" for o in self.objectives.values())):
+                and self.kind == "consistency"):
             from .eval.gmm_diagnostics import ConsistencyMapProbe
 
             self.map_probe = ConsistencyMapProbe(mixture, sigma_data=self.model.sigma_data, n=cfg.log.map_error_n,
@@ -433,7 +432,8 @@ class Trainer:
         metric_names = list(ctx.metrics)
         values = torch.stack([terms[k].detach() for k in names] +
                              [torch.as_tensor(ctx.metrics[k], dtype=torch.float32, device=self.device).detach()
-                              for k in metric_names])
+                              for k in metric_names] +
+                             [torch.tensor(float(ctx.skip_update), device=self.device)])  # the typed skip request
         if self.distributed:
             dist.all_reduce(values)
             values /= self.world_size
@@ -452,15 +452,15 @@ class Trainer:
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm} (not finite) although every "
                                      f"loss term ({', '.join(names)}) is finite; stopping.")
-        # [issue 4] an objective may ask to skip the update (sCM: non-finite tangent); any rank asking skips all
-        skip = "skip_step" in metric_names and vals[len(names) + metric_names.index("skip_step")] > 0
+        # an objective may ask to skip the update (ctx.skip_update; sCM: non-finite tangent); any rank asking skips all
+        skip = vals[-1] > 0
         if skip:  # neither the weights nor their EMA move on a skipped step
             self.skipped_steps += 1
         else:
             self.optimizer.step()
             self._update_ema()
         self.step += 1
-        out = dict(zip(names + metric_names, vals, strict=True))
+        out = dict(zip(names + metric_names, vals[:-1], strict=True))
         out["loss"] = float(sum(vals[: len(names)]))
         out["grad_norm"] = grad_norm
         out["lr"] = lr
@@ -495,21 +495,16 @@ class Trainer:
         if self.rank == 0:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng,
                      "sampler": self.sampler.state_dict(), "world_size": self.world_size,
-                     "skipped_steps": getattr(self, "skipped_steps", 0)}
-            names = self.spec.class_names if self.model.num_classes > 0 else None
-            extra = {"train": self.cfg.to_dict(), "data": self.spec.to_dict(), "step": self.step,
-                     "class_names": None if names is None else list(names),
-                     "kimg": self.step * self.cfg.batch_size / 1000, "git_revision": _git_revision(),
-                     "metrics": metrics or {}, "objectives": sorted(self.objectives)}
-            if self.teacher_info is not None:
-                extra["teacher"] = self.teacher_info
-            if self.cfg.t_mid is not None and any(getattr(o, "sampler", "heun") == "consistency"
-                                                  for o in self.objectives.values()):
-                from .core.trigflow import consistency_times
-
-                sd = self.model.sigma_data
-                extra[ckpt.TIMES_KEY] = {str(k): consistency_times(k, sigma_data=sd, t_mid=self.cfg.t_mid)
-                                         for k in (1, 2)}
+                     "skipped_steps": self.skipped_steps}
+            data = self.spec.to_dict()
+            if self.model.num_classes == 0:
+                data["class_names"] = None
+            extra = CheckpointMeta(
+                model=self.model.config.to_dict(), kind=self.kind, sampler=self.sampler_spec(),
+                data=DataSpec.model_validate(data), train=self.cfg.to_dict(),
+                objectives=sorted(self.objectives), teacher=self.teacher_info, git_revision=_git_revision(),
+                step=self.step, kimg=self.step * self.cfg.batch_size / 1000, metrics=metrics or {},
+            ).to_json()
             path = ckpt.save_checkpoint(self.out_dir / f"{CKPT_PREFIX}{self.step:07d}", self.model, ema=self.ema,
                                         extra_config=extra, state=state)
             keep = self.cfg.log.keep_checkpoints
@@ -542,6 +537,16 @@ class Trainer:
         if self.device.type == "cuda" and "torch_cuda" in rng:
             torch.cuda.set_rng_state(rng["torch_cuda"].cpu(), self.device)
 
+    def sampler_spec(self) -> SamplerSpec:
+        """How this model generates (recorded in the checkpoint): sCM at its 1- and 2-step times (t_mid from the
+        config when set, else the core default), or Heun."""
+        if self.kind == "consistency":
+            sd = self.model.sigma_data
+            kw = {} if self.cfg.t_mid is None else {"t_mid": self.cfg.t_mid}
+            return SamplerSpec(name="consistency", default_steps=1,
+                               times={str(n): consistency_times(n, sigma_data=sd, **kw) for n in (1, 2)})
+        return SamplerSpec(name="heun", default_steps=18)
+
     def map_error(self) -> dict[str, float]:
         """{'map_err/<band>': E||f_theta - Phi*||^2, ..., 'map_err_ema/...'} when a map probe is set, else {}."""
         if self.map_probe is None:
@@ -561,13 +566,10 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 12345)
         noise = torch.randn((n, *self.ema.sample_shape), generator=g, device=self.device)
         labels = (torch.arange(n, device=self.device) % self.ema.num_classes) if self.ema.num_classes > 0 else None
-        if any(getattr(o, "sampler", "heun") == "consistency" for o in self.objectives.values()):
-            # [issue 4] consistency students: 1-step samples (sCM Alg. 1) instead of a Heun solve
-            from .core.sampling import sample_consistency
-
-            x = sample_consistency(self.ema, self.ema.sigma_data * noise, steps=1, class_labels=labels)
-        else:
-            x = heun_teacher_sample(self.ema, noise, num_steps=self.cfg.log.sample_steps, class_labels=labels)
+        # consistency students: 1-step samples (sCM Alg. 1); teachers: a Heun solve of log.sample_steps
+        sampler = self.sampler_spec()
+        steps = sampler.default_steps if sampler.name == "consistency" else self.cfg.log.sample_steps
+        x = generate(self.ema, sampler.name, noise, steps, class_labels=labels)
         return save_samples_png(x, path)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -620,6 +622,7 @@ class Trainer:
                                data_img_per_s=data_s, data_wait_frac=wait, time=time.time())
                     acc, n_acc = {}, 0
                     rec.update(self.map_error())
+                    result.logs.append(rec)
                     if log_f is not None:
                         log_f.write(json.dumps(rec) + "\n")
                         log_f.flush()
@@ -674,7 +677,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: str | Path | None = 
 
 def config_from_checkpoint(path: str | Path) -> TrainConfig:
     """The TrainConfig saved in a checkpoint's config.json (for --resume)."""
-    cfg = ckpt.load_config(find_checkpoint(path))
-    if "train" not in cfg:
+    meta = ckpt.load_meta(find_checkpoint(path))
+    if meta.train is None:
         raise ckpt.CheckpointFormatError(f"{path} has no training config; was it written by quickstep-train?")
-    return build_config(cfg["train"])
+    return build_config(meta.train)

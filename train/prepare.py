@@ -146,7 +146,7 @@ def convert(source: str | Path, out: str | Path, *, kind: str | None = None, spl
                        "crop": crop, "fingerprint": fingerprint(src)},
             "images_sha256": _sha256_file(tmp / IMAGES),
             "seconds": round(time.perf_counter() - t0, 3),
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():

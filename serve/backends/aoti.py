@@ -21,8 +21,8 @@ def package_device(bundle: Bundle, settings: ServeSettings, cuda_available: bool
     """'cpu' or 'cuda': the device the bundle's packages were compiled for (manifest aoti.device); bundles that do
     not record it fall back to --device (auto = CUDA when available).  BackendError when the host lacks the
     recorded device or --device asks for the other one."""
-    section = bundle.manifest.get("aoti")
-    recorded = section.get("device") if isinstance(section, dict) else None
+    section = bundle.manifest.aoti
+    recorded = section.device if section is not None else None
     if recorded is None:
         return "cuda" if want_cuda(settings, cuda_available) else "cpu"
     recorded = str(recorded).split(":")[0].lower()
@@ -78,8 +78,8 @@ class AotiBackend(Backend):
                                    "torch version and device they were compiled for)") from e
         # one package serves every batch in [1, max_batch] (a dynamic batch dim); --batch-buckets on pads to
         # 1, 2, 4, ... like the torch backend; on CUDA the copies go through pinned host buffers
-        section = self.bundle.manifest.get("aoti")
-        pkg_max = int(section.get("max_batch", 0)) if isinstance(section, dict) else 0
+        section = self.bundle.manifest.aoti
+        pkg_max = int(section.max_batch or 0) if section is not None else 0
         cap = min(self.settings.max_batch, pkg_max) if pkg_max else self.settings.max_batch
         buckets = bucket_sizes(cap) if use_buckets(self.settings, compiled=False) else None
         self.runner = TorchRunner(torch, self.bundle, self.device, self.runners, buckets, cap)

@@ -95,3 +95,15 @@ def create_backend(bundle: Bundle, settings: ServeSettings) -> Backend:
 
         return TensorRTBackend(bundle, settings)
     raise BackendError(f"unknown backend {name!r}; choose onnxruntime, tensorrt, torch or aoti")
+
+
+def open_runner(bundle_dir, backend: str, *, device: str = "cpu", max_batch: int = 64) -> Backend:
+    """A verified bundle loaded on `backend` (preflight + load), as `quickstep-serve --backend` would run it: the
+    `quickstep.runners` entry point through which `quickstep.artifacts.open_runner` reaches the serve backends."""
+    from ..bundle import load_bundle
+
+    settings = ServeSettings(backend=backend, device=device, ui=False, bundle=[], max_batch=max_batch)
+    runner = create_backend(load_bundle(bundle_dir, verify=True), settings)
+    runner.preflight()
+    runner.load()
+    return runner

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from quickstep.artifacts import plan_tag
+
 from ..bundle import Bundle, BundleError
 from ..settings import ServeSettings
 from .base import Backend, BackendError
@@ -25,20 +27,13 @@ _LEGACY_TAG = re.compile(r"^[^.]+\.(?P<tag>[^/]+\.trt\d[^/]*)\.plan$")  # <graph
 log = logging.getLogger("quickstep.serve")
 
 
-def plan_tag(gpu_name: str, trt_version: str) -> str:
-    """'<gpu name>.trt<version>' with filesystem-safe characters - the same tag as export.tensorrt.engine_tag."""
-    gpu = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name).strip("_")
-    return f"{gpu}.trt{trt_version}"
-
-
 def select_plan(bundle: Bundle, steps: int, tag: str) -> Path:
     """The plan file built for `tag` (this GPU and TensorRT version) for `steps`; BundleError listing the plans
     the bundle has when none matches."""
-    raw = next((g for k, g in (bundle.manifest.get("graphs") or {}).items() if str(k) == str(steps)), None) or {}
-    plans = raw.get("tensorrt_plans") if isinstance(raw, dict) else None
+    plans = bundle.graphs[steps].tensorrt_plans
     rebuild = (f"plans are tied to the GPU model and the TensorRT version: build one on this machine with "
                f"`quickstep-export tensorrt {bundle.path}`, or use --backend onnxruntime")
-    if isinstance(plans, dict) and plans:
+    if plans:
         rel = plans.get(tag)
         if not isinstance(rel, str):
             available = ", ".join(f"{t} ({f})" for t, f in sorted(plans.items()))

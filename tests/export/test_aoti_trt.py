@@ -20,7 +20,7 @@ def test_aoti_packages_match_eager_and_update_manifest(cm_bundle: Path, cm_ckpt:
 
     bundle = Path(shutil.copytree(cm_bundle, tmp_path / "b"))
     results = export_aoti_bundle(bundle, device="cpu", max_batch=64)
-    m = read_manifest(bundle)
+    m = read_manifest(bundle).to_json()
     for steps in ("1", "2"):
         assert results[steps]["passed"] and results[steps]["max_abs_err_b7"] <= 1
         assert m["graphs"][steps]["aoti"] == f"generator_{steps}step.pt2"
@@ -49,7 +49,7 @@ def test_tensorrt_engines_match_onnxruntime(cm_bundle: Path, tmp_path: Path) -> 
 
     bundle = Path(shutil.copytree(cm_bundle, tmp_path / "b"))
     results = export_tensorrt_bundle(bundle, batches=(1, 8), timing_cache=tmp_path / "timing.cache")
-    m = read_manifest(bundle)
+    m = read_manifest(bundle).to_json()
     for steps in ("1", "2"):
         assert results[steps]["passed"]
         plan = m["graphs"][steps]["tensorrt"]

@@ -4,18 +4,21 @@ UI's class dropdown (index-aligned; null when the data named none)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from quickstep.export.bundle import class_names, export_bundle
+import pytest
+from quickstep.export.bundle import export_bundle
 from quickstep.serve.bundle import load_bundle
 from quickstep.serve.ui import RANDOM_CLASS, _class_choices
 
+from quickstep.artifacts import BundleError, BundleManifest
 from tests.helpers import tiny_checkpoint
 
 
 def test_class_names_reach_the_manifest_and_the_served_bundle(tmp_path):
     ckpt = tiny_checkpoint(tmp_path, num_classes=3)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["class_names"] = ["cat", "dog", "emu"]
+    cfg["data"]["class_names"] = ["cat", "dog", "emu"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     out = export_bundle(ckpt, tmp_path / "bundle", steps=(1,), parity_batches=(1,))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -34,9 +37,11 @@ def test_class_names_reach_the_manifest_and_the_served_bundle(tmp_path):
     assert info["class_names"] == ["cat", "dog", "emu"] and info["num_classes"] == 3
 
 
-def test_class_names_are_null_unless_one_string_per_class():
-    assert class_names({"class_names": ["a", "b"]}, 2) == ["a", "b"]
-    assert class_names({"class_names": ["a"]}, 2) is None
-    assert class_names({"class_names": ["a", 1]}, 2) is None
-    assert class_names({}, 2) is None
-    assert class_names({"class_names": ["a"]}, 0) is None
+def test_class_names_must_be_one_string_per_class():
+    raw = json.loads((Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-scd" / "manifest.json")
+                     .read_text())
+    BundleManifest.from_json(raw)
+    with pytest.raises(BundleError, match="class_names has 1 names for num_classes 10"):
+        BundleManifest.from_json({**raw, "class_names": ["a"]})
+    with pytest.raises(BundleError, match="class_aliases must map"):
+        BundleManifest.from_json({**raw, "class_aliases": {"eleven": 11}})

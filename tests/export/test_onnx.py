@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from quickstep.export.bundle import MANIFEST, detect_kind, export_bundle, read_manifest, sha256_file
+from quickstep.export.bundle import MANIFEST, check_kind, export_bundle, read_manifest, sha256_file
 from quickstep.export.onnx import ExportError, ParityError, ort_session
 from quickstep.train.core.checkpoint import load_model, save_checkpoint
 from quickstep.train.core.generator import ConsistencyGenerator, DenoiserGraph, HeunGenerator
 from quickstep.train.core.model import build_model
 from quickstep.train.core.networks import MLPConfig, ModelConfig
+
+from quickstep.artifacts import CheckpointMeta
 
 
 def _serving_noise(seed: int, n: int, steps: int, shape=(1, 8, 8)) -> list[np.ndarray]:
@@ -27,7 +29,7 @@ def _serving_noise(seed: int, n: int, steps: int, shape=(1, 8, 8)) -> list[np.nd
 
 
 def test_consistency_bundle_layout_and_manifest(cm_bundle: Path) -> None:
-    m = read_manifest(cm_bundle)
+    m = read_manifest(cm_bundle).to_json()
     files = {p.name for p in cm_bundle.iterdir()}
     assert files == {MANIFEST, "generator_1step.onnx", "generator_2step.onnx", "denoiser.onnx",
                      "weights.onnx.data", "model.safetensors", "config.json"}
@@ -51,7 +53,7 @@ def test_graphs_share_one_deduplicated_weights_file(cm_bundle: Path) -> None:
     from onnx.external_data_helper import uses_external_data
     from quickstep.train.core.checkpoint import load_weights
 
-    info = read_manifest(cm_bundle)["onnx_external_data"]
+    info = read_manifest(cm_bundle).to_json()["onnx_external_data"]
     data = (cm_bundle / "weights.onnx.data").stat().st_size
     assert info["file"] == "weights.onnx.data" and info["data_bytes"] == data
     assert info["tensors"] >= 3 * info["unique"] > 0  # 1 step + 2 steps (unrolled twice) + denoiser
@@ -109,7 +111,7 @@ def test_denoiser_onnx_float_parity(cm_bundle: Path, cm_ckpt: Path) -> None:
 
 
 def test_diffusion_bundle_heun_graph(dm_bundle: Path, dm_ckpt: Path) -> None:
-    m = read_manifest(dm_bundle)
+    m = read_manifest(dm_bundle).to_json()
     assert m["kind"] == "diffusion" and m["steps_supported"] == [2] and m["nfe"] == {"2": 3}
     assert m["graphs"]["2"]["onnx"] == "generator_heun2.onnx" and m["denoiser"]["onnx"] == "denoiser.onnx"
     assert [i["name"] for i in m["graphs"]["2"]["inputs"]] == ["noise"]  # unconditional: no labels input
@@ -136,7 +138,7 @@ def test_parity_gate_refuses_to_write(cm_ckpt: Path, tmp_path: Path) -> None:
 
 def test_fp16_bundle_keeps_io_fp32(cm_ckpt: Path, tmp_path: Path) -> None:
     out = export_bundle(cm_ckpt, tmp_path / "fp16", steps=(1,), fp16=True, parity_batches=(1, 3))
-    m = read_manifest(out)
+    m = read_manifest(out).to_json()
     assert m["precision"] == "fp16" and m["parity"]["onnxruntime"]["1"]["passed"]
     model = onnx.shape_inference.infer_shapes(onnx.load(str(out / "generator_1step.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
@@ -159,16 +161,12 @@ def test_vector_model_is_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_kind_detection() -> None:
-    assert detect_kind({"kind": "consistency"}) == "consistency"
-    assert detect_kind({"train": {"objective": "scd"}}) == "consistency"
-    assert detect_kind({"train": {"objective": {"name": "direct_cm"}}}) == "consistency"
-    assert detect_kind({"train": {"objective": "diffusion"}}) == "diffusion"
-    assert detect_kind({"kind": "consistency"}, "diffusion") == "diffusion"
-    with pytest.raises(ExportError, match="pass --kind"):
-        detect_kind({"model": {}})
+def test_kind_is_read_from_the_checkpoint_not_guessed() -> None:
+    meta = CheckpointMeta(model={}, kind="consistency")
+    assert check_kind(None, meta) == "consistency" and meta.sampler.name == "consistency"
+    assert check_kind("diffusion", meta) == "diffusion"  # an explicit --kind wins
     with pytest.raises(ExportError, match="kind must be one of"):
-        detect_kind({}, "gan")
+        check_kind("gan", meta)
 
 
 def test_manifest_is_json_with_relative_paths(cm_bundle: Path) -> None:

@@ -17,6 +17,7 @@ from quickstep.export.report import ReportConfig, apply_tolerance, make_report
 from quickstep.train.core import ModelConfig, UNetConfig, build_model
 from quickstep.train.core.checkpoint import save_checkpoint
 
+from quickstep.artifacts import TeacherRef
 from tests.helpers import ServerProcess, perturb_zero_init
 from tests.serve.conftest import serve
 
@@ -54,7 +55,7 @@ def bundle(root: Path) -> Path:
     from quickstep.export.bundle import export_bundle
 
     teacher = save_checkpoint(root / "teacher", digits16_model(seed=1), extra_config=data_config("diffusion", "t"))
-    extra = {**data_config("consistency", "tiny-digits"), "teacher": str(teacher)}
+    extra = {**data_config("consistency", "tiny-digits"), "teacher": TeacherRef.of(teacher).to_json()}
     ckpt = save_checkpoint(root / "ckpt", digits16_model(), extra_config=extra)
     return export_bundle(ckpt, root / "bundle", steps=(1, 2), parity_batches=(1, 3))
 
@@ -85,7 +86,7 @@ def test_rows_for_every_backend_steps_and_teacher(report: dict, root: Path, bund
     assert md.count("| onnxruntime |") == 2 and md.count("| torch |") == 2 and "| teacher |" in md
     assert json.loads((root / "out" / "report.json").read_text())["rows"] == report["rows"]
     assert (root / "out" / "quality_vs_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    q = read_manifest(bundle)["quality"]
+    q = read_manifest(bundle).to_json()["quality"]
     assert q["backends"]["onnxruntime"]["2"]["fd"] == _row(report, "onnxruntime", 2)["fd"]
     assert q["teacher"]["nfe"] == 35 and q["flagged"] == []
     from quickstep.export.verify import verify_bundle
@@ -123,7 +124,7 @@ def broken_bundle(bundle: Path, root: Path) -> Path:
     wrong.load_state_dict(digits16_model().state_dict())
     export_onnx(consistency_graph(wrong, 1), broken / "generator_1step.onnx", num_classes=10)
     m = read_manifest(broken)
-    m["name"] = "tiny-digits-broken"
+    m.name = "tiny-digits-broken"
     refresh_files(broken, m)
     return broken
 
@@ -143,7 +144,7 @@ def test_wrong_sigma_data_graph_is_flagged(broken_cli, broken_bundle: Path) -> N
     res = broken_cli
     assert res.exit_code == 1, res.output
     assert "FLAGGED" in res.output
-    q = read_manifest(broken_bundle)["quality"]
+    q = read_manifest(broken_bundle).to_json()["quality"]
     e = q["backends"]["onnxruntime"]["1"]
     assert e["flagged"] is True and abs(e["fd"] - e["fd_torch"]) > e["fd_margin"]
     assert q["backends"]["torch"]["1"]["flagged"] is False
@@ -152,7 +153,7 @@ def test_wrong_sigma_data_graph_is_flagged(broken_cli, broken_bundle: Path) -> N
 
 
 def test_server_refuses_flagged_backend_unless_forced(broken_cli, broken_bundle: Path, monkeypatch) -> None:
-    q = read_manifest(broken_bundle)["quality"]["backends"]["onnxruntime"]["1"]
+    q = read_manifest(broken_bundle).to_json()["quality"]["backends"]["onnxruntime"]["1"]
     # the report measured onnxruntime on CPU: the gate keys on backend + device, so serve it on CPU (on a GPU host
     # --device auto would pick CUDA, where this CPU measurement does not apply)
     srv = ServerProcess([broken_bundle], args=["--backend", "onnxruntime", "--device", "cpu"])
@@ -180,31 +181,29 @@ def test_server_refuses_flagged_backend_unless_forced(broken_cli, broken_bundle:
 
 def test_models_endpoint_returns_quality_and_report_samples_as_served(bundle: Path, report: dict) -> None:
     from PIL import Image
-    from quickstep.export.report import draw_inputs, sample, serve_backend
-    from quickstep.serve.bundle import load_bundle
+    from quickstep.export.report import draw_inputs, run_chunks, serve_backend
 
     with serve(bundle=[bundle], ui=True) as s:
         info = httpx.get(s.url + "/v1/models/tiny-digits", timeout=10).json()
-        assert info["quality"] == read_manifest(bundle)["quality"]
+        assert info["quality"] == read_manifest(bundle).to_json()["quality"]
         ui = httpx.get(s.url + "/ui/config", timeout=10).text  # the demo shows the numbers beside the picker
         assert f"{info['quality']['backends']['onnxruntime']['1']['fd']:.4g}" in ui and "Quality as served" in ui
         assert info["quality"]["backends"]["onnxruntime"]["1"]["fd"] == _row(report, "onnxruntime", 1)["fd"]
         png = httpx.post(s.url + "/v1/generate", json={"n": 1, "seed": 7, "steps": 2, "class_label": 0},
                          headers={"Accept": "image/png"}, timeout=30).content
     served = np.asarray(Image.open(io.BytesIO(png)))
-    b = load_bundle(bundle)
-    backend = serve_backend(b, "onnxruntime", ReportConfig())
-    noises, labels = draw_inputs(b, 2, seed=7, n=1)  # image 0 gets label 0 % 10 = 0
-    mine = sample(lambda nz, lb: backend.run(2, nz, lb), noises, labels, 64)
+    backend = serve_backend(bundle, "onnxruntime", ReportConfig())  # through the contract's runner registry
+    noises, labels = draw_inputs(read_manifest(bundle), 2, seed=7, n=1)  # image 0 gets label 0 % 10 = 0
+    mine = run_chunks(lambda nz, lb: backend.run(2, nz, lb), noises, labels, 64)
     np.testing.assert_array_equal(mine[0, ..., 0], served)
 
 
 def test_ui_quality_markdown(report: dict, bundle: Path) -> None:
     from quickstep.serve.ui import quality_markdown
 
-    q = read_manifest(bundle)["quality"]
+    q = read_manifest(bundle).quality
     md = quality_markdown(q, "onnxruntime")
-    fd = q["backends"]["onnxruntime"]["1"]["fd"]
+    fd = q.backends["onnxruntime"]["1"].fd
     assert f"{fd:.4g}" in md and "Teacher (35 NFE)" in md and "| 2 |" in md
     assert "not measured" in quality_markdown(q, "tensorrt")
     assert "No quality report" in quality_markdown(None, "onnxruntime")
@@ -219,7 +218,7 @@ def test_teacher_may_be_a_training_run_directory(root: Path, bundle: Path, tmp_p
     run = tmp_path / "teacher-run"
     shutil.copytree(root / "teacher", run / "step-0000500")
     shutil.copytree(root / "teacher", run / "step-0001000")
-    assert find_teacher(bundle, {}, {}, str(run)) == (run / "step-0001000").resolve()
+    assert find_teacher(bundle, None, str(run)) == (run / "step-0001000").resolve()
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(ReportError, match="nor a training run directory"):
-        find_teacher(bundle, {}, {}, str(tmp_path / "not-a-run"))
+        find_teacher(bundle, None, str(tmp_path / "not-a-run"))

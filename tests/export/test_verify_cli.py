@@ -26,7 +26,7 @@ def _invoke(*args: str):
 def test_verify_clean_bundle_with_parity(bundle_copy: Path) -> None:
     report = verify_bundle(bundle_copy)
     assert report.ok, report.summary()
-    assert sorted(report.checked) == sorted(read_manifest(bundle_copy)["files"])
+    assert sorted(report.checked) == sorted(read_manifest(bundle_copy).to_json()["files"])
     assert report.parity["onnxruntime"]["2"]["passed"] and report.parity["onnxruntime"]["denoiser"]["passed"]
     result = _invoke("verify", bundle_copy, "--no-parity")
     assert result.exit_code == 0 and "OK" in result.output
@@ -61,7 +61,7 @@ def test_cli_onnx_export_and_report(cm_ckpt: Path, tmp_path: Path) -> None:
     result = _invoke("onnx", "--ckpt", cm_ckpt, "--out", tmp_path / "b", "--steps", "1", "--name", "tiny")
     assert result.exit_code == 0, result.output
     assert "wrote consistency bundle 'tiny'" in result.output and "parity onnxruntime[1]: b1=0" in result.output
-    assert read_manifest(tmp_path / "b")["steps_supported"] == [1]
+    assert read_manifest(tmp_path / "b").to_json()["steps_supported"] == [1]
 
 
 def test_cli_onnx_export_from_a_run_directory(cm_ckpt: Path, tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_cli_onnx_export_from_a_run_directory(cm_ckpt: Path, tmp_path: Path) -> 
     (run / "step-0000002" / "config.json").write_text("{}")  # an older, unusable one: must not be picked
     result = _invoke("onnx", "--ckpt", run, "--out", tmp_path / "b", "--steps", "1", "--name", "tiny")
     assert result.exit_code == 0, result.output
-    assert read_manifest(tmp_path / "b")["steps_supported"] == [1]
+    assert read_manifest(tmp_path / "b").to_json()["steps_supported"] == [1]
     empty = tmp_path / "empty-run"
     empty.mkdir()
     result = _invoke("onnx", "--ckpt", empty, "--out", tmp_path / "c")

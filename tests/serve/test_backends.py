@@ -15,6 +15,8 @@ from quickstep.serve.bundle import BundleError, load_bundle
 from quickstep.serve.service import draw_labels, draw_noise
 from quickstep.serve.settings import ServeSettings
 
+from quickstep.artifacts import BundleManifest
+
 
 @pytest.mark.parametrize("fixture", ["bundle_dir", "cond_bundle_dir"])
 def test_torch_matches_onnxruntime(request, fixture):
@@ -243,7 +245,7 @@ def test_ort_tensorrt_engine_cache_lives_outside_the_bundle(bundle_dir, tmp_path
     assert sorted(p.name for p in cache.iterdir()) == ["generator_1step.engine", "generator_2step.engine"]
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
     report = VerifyReport(src)
-    check_hashes(src, json.loads((src / "manifest.json").read_text()), report)
+    check_hashes(src, BundleManifest.read(src), report)
     assert report.ok, report.failures
     assert backend.describe() == "onnxruntime (TensorrtExecutionProvider)"
 
@@ -259,13 +261,11 @@ def test_ort_tensorrt_engine_cache_lives_outside_the_bundle(bundle_dir, tmp_path
 
 
 def test_ort_tensorrt_flag_and_environment(monkeypatch, tmp_path):
-    from quickstep.serve.cli import build_parser
+    from quickstep.serve.cli import parse_overrides
 
-    args = build_parser().parse_args(["--ort-tensorrt", "--ort-trt-cache-dir", str(tmp_path)])
-    s = ServeSettings(**{k: v for k, v in vars(args).items() if v is not None})
+    s = ServeSettings(**parse_overrides(["--ort-tensorrt", "--ort-trt-cache-dir", str(tmp_path)]))
     assert s.ort_tensorrt is True and s.ort_trt_cache_root() == tmp_path
-    assert ServeSettings(**{k: v for k, v in vars(build_parser().parse_args([])).items()
-                            if v is not None}).ort_tensorrt is False
+    assert parse_overrides([]) == {} and ServeSettings(**parse_overrides([])).ort_tensorrt is False
     monkeypatch.setenv("QUICKSTEP_ORT_TENSORRT", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     s = ServeSettings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -184,8 +185,10 @@ def test_fit_scd_with_a_teacher_records_it(student_run, teacher_run):
     assert rc == 0
     meta = load_config(out / "step-0000002")
     assert meta["objectives"] == ["scd"]
+    assert meta["kind"] == "consistency" and meta["sampler"]["name"] == "consistency"
     tdir = (teacher_run[1] / "step-0000002").resolve()  # the run directory resolves to its latest checkpoint
-    assert meta["teacher"] == {"path": str(tdir),
+    # the teacher is its hash and a reference relative to the working directory, never an absolute path
+    assert meta["teacher"] == {"ref": os.path.relpath(tdir),
                                "sha256": hashlib.sha256((tdir / "model.safetensors").read_bytes()).hexdigest()}
 
 
@@ -199,18 +202,18 @@ def test_resume_scd_without_teacher_uses_the_recorded_one(teacher_run, tmp_path,
     out = tmp_path / "run"
     assert _scd(out, "--teacher", str(teacher), "--steps", "2") == 0
     assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "3"]) == 0  # no --teacher
-    assert load_config(out / "step-0000003")["teacher"]["path"] == str(teacher.resolve())
+    assert load_config(out / "step-0000003")["teacher"]["ref"] == os.path.relpath(teacher.resolve())
     # the recorded teacher is gone: a clear error naming it, exit 2
     teacher.rename(tmp_path / "moved")
     capsys.readouterr()
     assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "4"]) == 2
     err = capsys.readouterr().err
-    assert "no longer exists" in err and str(teacher.resolve()) in err and "--teacher" in err
+    assert "no longer exists" in err and os.path.relpath(teacher.resolve()) in err and "--teacher" in err
     assert "Traceback" not in err and not (out / "step-0000004").exists()
     # an explicit --teacher still works (and is recorded from then on)
     assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "4", "--teacher",
                  str(tmp_path / "moved")]) == 0
-    assert load_config(out / "step-0000004")["teacher"]["path"] == str((tmp_path / "moved").resolve())
+    assert load_config(out / "step-0000004")["teacher"]["ref"] == os.path.relpath((tmp_path / "moved").resolve())
     # the recorded teacher changed on disk: refused rather than silently distilling another model
     with open(tmp_path / "moved" / "model.safetensors", "r+b") as f:
         f.seek(-1, 2)

@@ -56,7 +56,7 @@ class GaussConsistencyNet(nn.Module):
 
     def forward(self, x_in, t, class_labels=None):
         x_t = x_in * SD
-        tb = trigflow._bcast(t, x_t)
+        tb = trigflow.bcast(t, x_t)
         f = x_t * self.s / _a(tb, self.s)
         return (torch.cos(tb) * x_t - f) / (SD * torch.sin(tb))  # F = (cos t x_t - f) / (sigma_d sin t)
 
@@ -70,7 +70,7 @@ class GaussVelocityNet(nn.Module):
 
     def forward(self, x_in, t, class_labels=None):
         x_t = x_in * SD
-        tb = trigflow._bcast(t, x_t)
+        tb = trigflow.bcast(t, x_t)
         return x_t * torch.cos(tb) * torch.sin(tb) * (SD**2 - self.s**2) / _a(tb, self.s) ** 2 / SD
 
 

@@ -50,7 +50,7 @@ def test_readme_data_snippet_runs_as_written(tmp_path, monkeypatch, capsys, one_
     meta = json.loads((tmp_path / "data" / "my_images" / "meta.json").read_text())
     assert meta["shape"] == [12, 3, 32, 32] and meta["class_names"] == ["apple", "pear"]
     cfg = json.loads((tmp_path / "runs" / "my_images" / "step-0000002" / "config.json").read_text())
-    assert cfg["class_names"] == ["apple", "pear"] and cfg["train"]["data"]["name"] == "prepared"
+    assert cfg["data"]["class_names"] == ["apple", "pear"] and cfg["train"]["data"]["name"] == "prepared"
     assert (tmp_path / "my_images.png").is_file()
     cfg = json.loads((tmp_path / "runs" / "my_dataset" / "step-0000002" / "config.json").read_text())
-    assert cfg["data"]["num_classes"] == 4 and cfg["class_names"] is None
+    assert cfg["data"]["num_classes"] == 4 and cfg["data"].get("class_names") is None

@@ -28,7 +28,7 @@ def test_exact_teacher_drives_distillation_and_is_recorded(objective, tmp_path):
     assert tr.model.config.backbone.hidden == 64
     tr.fit()
     cfg_json = ckpt.load_config(ckpt.find_checkpoint(tmp_path / "run"))
-    assert cfg_json["teacher"] == {"path": "gmm:ring8", "exact": "ring8"}
+    assert cfg_json["teacher"] == {"exact": "ring8"}
     assert saved_teacher(tmp_path / "run") == "gmm:ring8"  # --resume finds the exact teacher again
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all("map_err_ema/mean" in r and "map_err/sigma_10-80" in r for r in logs)
@@ -36,7 +36,7 @@ def test_exact_teacher_drives_distillation_and_is_recorded(objective, tmp_path):
     # resume continues with the recorded exact teacher
     more = Trainer(tiny_config({objective: {}}, steps=6, log={"every": 2, "map_error_n": 16}), tmp_path / "run",
                    resume=tmp_path / "run")
-    assert exact_teacher_name(more.teacher_info["path"]) == "ring8"
+    assert more.teacher_info.exact == "ring8" and exact_teacher_name("gmm:ring8") == "ring8"
     more.fit()
     assert more.step == 6
 

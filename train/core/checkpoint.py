@@ -6,9 +6,7 @@ code (safetensors + JSON; state.pt with `weights_only=True`).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -20,13 +18,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from quickstep.artifacts import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_WEIGHTS,
+    ArtifactError,
+    CheckpointMeta,
+)
+
 from .model import TrigFlowModel, build_model
 from .networks import ModelConfig
 
-FORMAT = "quickstep-checkpoint"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+FORMAT = CHECKPOINT_FORMAT
+FORMAT_VERSION = CHECKPOINT_FORMAT_VERSION
+WEIGHTS = CHECKPOINT_WEIGHTS
+CONFIG = CHECKPOINT_CONFIG
 STATE = "state.pt"
 
 
@@ -101,15 +108,6 @@ def atomic_write_dir(dest: str | Path, write_fn) -> Path:
     return dest
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 CKPT_PREFIX = "step-"  # the trainer names checkpoints step-0001000 inside a run directory
 
 
@@ -148,14 +146,21 @@ def save_checkpoint(
     extra_config: dict[str, Any] | None = None,
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically.  `extra_config` (training config, data, metrics, git revision, ...)
-    is merged into config.json; `state` (optimizer, step, RNG states: tensors and plain containers only) goes to state.pt."""
+    """Write a checkpoint directory atomically.  config.json is a `quickstep.artifacts.CheckpointMeta`: the model
+    config plus `extra_config` (kind, sampler, training config, data, metrics, git revision, ...; a model saved
+    without a `kind` is a diffusion model: a TrigFlow denoiser); `state` (optimizer, step, RNG states: tensors and
+    plain containers only) goes to state.pt."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, m in (("ema.", ema if ema is not None else model), ("raw.", model)):
         for k, v in m.state_dict().items():
             tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-    config.update(extra_config or {})
+    raw = {"kind": "diffusion", **(extra_config or {}), "format": FORMAT, "format_version": FORMAT_VERSION,
+           "model": model.config.to_dict()}
+    try:
+        meta = CheckpointMeta.from_json(json.loads(json.dumps(raw, default=str)))
+    except ArtifactError as e:
+        raise CheckpointFormatError(f"cannot save checkpoint {str(path)!r}: {e}") from e
+    config = meta.to_json()
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
@@ -167,61 +172,61 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------- sampling times
-TIMES_KEY = "consistency_times"  # config.json: {"1": [t_max], "2": [t_max, t_mid]} chosen for this model
+TIMES_KEY = "consistency_times"  # format 1's config.json key; now CheckpointMeta.sampler.times
 
 
-def recorded_times(config: dict[str, Any]) -> dict[int, list[float]]:
+def recorded_times(config: dict[str, Any] | CheckpointMeta) -> dict[int, list[float]]:
     """The consistency sampler's times a checkpoint (or bundle) config records, {steps: [t_0 > t_1 > ...]}; {} if
     none.  A malformed entry is a CheckpointFormatError naming the problem."""
-    raw = config.get(TIMES_KEY)
-    if raw is None:
+    try:
+        meta = config if isinstance(config, CheckpointMeta) else CheckpointMeta.from_json(config)
+    except ArtifactError as e:
+        raise CheckpointFormatError(str(e)) from e
+    if meta.sampler.name != "consistency":
         return {}
-    if not isinstance(raw, dict):
-        raise CheckpointFormatError(f"config.json '{TIMES_KEY}' must map step counts to time lists, got {raw!r}")
-    out: dict[int, list[float]] = {}
-    for k, v in raw.items():
-        try:
-            steps, ts = int(k), [float(t) for t in v]
-        except (TypeError, ValueError):
-            raise CheckpointFormatError(f"config.json '{TIMES_KEY}'[{k!r}] must be a list of numbers, got {v!r}") from None
-        if steps < 1 or len(ts) != steps or any(not 0 < t < math.pi / 2 for t in ts) or any(
-                b >= a for a, b in zip(ts[:-1], ts[1:], strict=False)):
-            raise CheckpointFormatError(f"config.json '{TIMES_KEY}'[{k!r}] = {ts} must hold {k} decreasing times in "
-                                        "(0, pi/2)")
-        out[steps] = ts
-    return out
+    return {int(k): [float(t) for t in v] for k, v in meta.sampler.times.items()}
 
 
 def record_times(path: str | Path, times: dict[int, list[float]]) -> dict[str, Any]:
     """Record (merge) the consistency sampler's times into a checkpoint's config.json (atomic replace of that one
     file; the weights are untouched).  Returns the new config."""
     path = resolve_dir(path)
-    cfg = load_config(path)
-    merged = {str(k): [float(t) for t in v] for k, v in {**recorded_times(cfg), **times}.items()}
-    new = {**cfg, TIMES_KEY: merged}
-    recorded_times(new)  # validate before writing
+    meta = load_meta(path)
+    merged = {str(k): [float(t) for t in v] for k, v in {**recorded_times(meta), **times}.items()}
+    try:
+        new = CheckpointMeta.from_json({**meta.to_json(), "sampler": {**meta.sampler.to_json(), "times": merged}})
+    except ArtifactError as e:
+        raise CheckpointFormatError(str(e)) from e
     tmp = path / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(new.to_json(), indent=2, sort_keys=True, default=str))
     _fsync_file(tmp)
     os.replace(tmp, path / CONFIG)
     _fsync_dir(path)
-    return new
+    return new.to_json()
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def load_config(path: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint (or bundle) directory, validated to describe a model."""
+def load_meta(path: str | Path) -> CheckpointMeta:
+    """config.json of a checkpoint (or bundle) directory as a `CheckpointMeta` (older formats migrated)."""
     path = resolve_dir(path)
     f = path / CONFIG
     if not f.exists():
         raise CheckpointNotFoundError(f"{str(path)!r} has no {CONFIG}; is it a Quickstep checkpoint?")
     try:
-        cfg = json.loads(f.read_text())
+        raw = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointCorruptError(f"{f} is not valid JSON ({e}); the checkpoint is damaged") from e
-    if not isinstance(cfg, dict) or "model" not in cfg:
+    if not isinstance(raw, dict) or "model" not in raw:
         raise CheckpointFormatError(f"{f} has no 'model' section; not a Quickstep checkpoint config")
-    return cfg
+    try:
+        return CheckpointMeta.from_json(raw, str(f))
+    except ArtifactError as e:
+        raise CheckpointFormatError(str(e)) from e
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint (or bundle) directory as a plain dict (current format; see `load_meta`)."""
+    return load_meta(path).to_json()
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -250,9 +255,9 @@ def load_model(path: str | Path, *, which: str = "ema", map_location: str | torc
     `which` = 'ema' (default) or 'raw'."""
     if which not in ("ema", "raw"):
         raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
-    cfg = load_config(path)
+    meta = load_meta(path)
     try:
-        model_cfg = ModelConfig.from_dict(cfg["model"])
+        model_cfg = ModelConfig.from_dict(meta.model)
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointFormatError(f"config.json 'model' section is invalid: {e}") from e
     model = build_model(model_cfg)

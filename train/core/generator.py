@@ -93,3 +93,14 @@ class HeunGenerator(nn.Module):
         x = noise * self.sigmas[0]
         x0 = sample_heun(self.model.denoise, x, torch.tensor(self.sigmas), class_labels=class_labels)
         return to_uint8_nhwc(x0)
+
+
+def generator_module(model: TrigFlowModel, kind: str, steps: int, ts: list[float] | None = None) -> nn.Module:
+    """The whole-sampler module of a model of `kind` at `steps` (what export traces and the torch backend runs):
+    a consistency model's sCM sampler at `ts` (default: its 1-/2-step times), a diffusion model's Heun sampler
+    over `steps` Karras steps."""
+    if kind == "consistency":
+        return ConsistencyGenerator(model, steps, ts=ts)
+    if kind == "diffusion":
+        return HeunGenerator(model, num_steps=steps)
+    raise ValueError(f"kind must be 'consistency' or 'diffusion', got {kind!r}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .networks import ModelConfig, PositionalEmbedding, build_backbone
-from .trigflow import _bcast
+from .trigflow import bcast
 
 
 class LogVarHead(nn.Module):
@@ -85,7 +85,7 @@ class TrigFlowModel(nn.Module):
         """f_theta(x_t, t) = cos t * x_t - sin t * sigma_d * F_theta(x_t / sigma_d, t)."""
         t = self._t(t, x_t)
         F_out = self(x_t, t, class_labels)
-        return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.sigma_data * F_out
+        return bcast(torch.cos(t), x_t) * x_t - bcast(torch.sin(t), x_t) * self.sigma_data * F_out
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """PF-ODE velocity dx_t/dt = sigma_d * F_theta(x_t / sigma_d, t)."""
@@ -95,7 +95,7 @@ class TrigFlowModel(nn.Module):
         """grad log p_t(x_t) = -(x_t - cos t * x0_hat) / (sigma_d^2 sin^2 t)."""
         t = self._t(t, x_t)
         x0 = self.consistency(x_t, t, class_labels)
-        return -(x_t - _bcast(torch.cos(t), x_t) * x0) / _bcast(self.sigma_data**2 * torch.sin(t) ** 2, x_t)
+        return -(x_t - bcast(torch.cos(t), x_t) * x0) / bcast(self.sigma_data**2 * torch.sin(t) ** 2, x_t)
 
     def logvar(self, t: torch.Tensor) -> torch.Tensor:
         """Learned log-variance u(t) for adaptive weighting ([B]); zeros when the head is disabled."""
@@ -108,13 +108,13 @@ class TrigFlowModel(nn.Module):
         """EDM denoiser D(x_sigma; sigma) = x0_hat, with x_t = x_sigma cos t and t = arctan(sigma / sigma_d)."""
         sigma = self._t(sigma, x_sigma)
         t = torch.atan(sigma / self.sigma_data)
-        x_t = x_sigma * _bcast(torch.cos(t), x_sigma)
+        x_t = x_sigma * bcast(torch.cos(t), x_sigma)
         return self.consistency(x_t, t, class_labels)
 
     def edm_score(self, x_sigma: torch.Tensor, sigma: torch.Tensor | float, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """EDM score s = (D - x_sigma) / sigma^2."""
         sigma = self._t(sigma, x_sigma)
-        return (self.denoise(x_sigma, sigma, class_labels) - x_sigma) / _bcast(sigma**2, x_sigma)
+        return (self.denoise(x_sigma, sigma, class_labels) - x_sigma) / bcast(sigma**2, x_sigma)
 
 
 def build_model(config: ModelConfig) -> TrigFlowModel:

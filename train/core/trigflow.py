@@ -35,7 +35,7 @@ def t_max(sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA) -> float
     return math.atan(sigma_max / sigma_data)
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] to broadcast against `like`."""
     if v.ndim == 0:
         return v
@@ -44,13 +44,13 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def x_t_to_x_sigma(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_sigma = x_t / cos t.  x_t: [B, ...], t: [B] or scalar."""
-    return x_t / _bcast(torch.cos(t), x_t)
+    return x_t / bcast(torch.cos(t), x_t)
 
 
 def x_sigma_to_x_t(x_sigma: torch.Tensor, sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
     """x_t = x_sigma * cos t, with cos t = sigma_d / sqrt(sigma^2 + sigma_d^2)."""
     cos_t = sigma_data / torch.sqrt(sigma**2 + sigma_data**2)
-    return x_sigma * _bcast(cos_t, x_sigma)
+    return x_sigma * bcast(cos_t, x_sigma)
 
 
 def sample_training_t(
@@ -69,12 +69,12 @@ def sample_training_t(
 
 def diffuse(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Forward process x_t = cos t * x0 + sin t * z (z already scaled by sigma_d)."""
-    return _bcast(torch.cos(t), x0) * x0 + _bcast(torch.sin(t), x0) * z
+    return bcast(torch.cos(t), x0) * x0 + bcast(torch.sin(t), x0) * z
 
 
 def velocity_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Conditional PF-ODE velocity v_t = cos t * z - sin t * x0."""
-    return _bcast(torch.cos(t), x0) * z - _bcast(torch.sin(t), x0) * x0
+    return bcast(torch.cos(t), x0) * z - bcast(torch.sin(t), x0) * x0
 
 
 def consistency_times(steps: int, sigma_max: float = SIGMA_MAX, sigma_data: float = SIGMA_DATA,
@@ -89,7 +89,12 @@ def consistency_times(steps: int, sigma_max: float = SIGMA_MAX, sigma_data: floa
         return [t_max(sigma_max, sigma_data)]
     if steps == 2:
         return [t_max(sigma_max, sigma_data), float(t_mid)]
-    rho, smin = 7.0, SIGMA_MIN * 100  # stop well above 0: the last step denoises anyway
+    smin = SIGMA_MIN * 100  # stop well above 0: the last step denoises anyway
     ramp = [i / (steps - 1) for i in range(steps)]
-    sig = [(sigma_max ** (1 / rho) + r * (smin ** (1 / rho) - sigma_max ** (1 / rho))) ** rho for r in ramp]
-    return [math.atan(s / sigma_data) for s in sig]
+    return [math.atan(rho_interp(sigma_max, smin, r) / sigma_data) for r in ramp]
+
+
+def rho_interp(start, end, ramp, rho: float = 7.0):
+    """The EDM rho-schedule (Karras et al. 2022, Eq. 5) between `start` and `end` at `ramp` in [0, 1]:
+    (start^(1/rho) + ramp (end^(1/rho) - start^(1/rho)))^rho.  Floats or broadcasting tensors."""
+    return (start ** (1 / rho) + ramp * (end ** (1 / rho) - start ** (1 / rho))) ** rho

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.sampling import karras_sigmas, sample_heun
+from ..core.sampling import heun_teacher_sample, one_step_sample
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,10 @@ class ODEError:
 def teacher_solution(teacher, noise: torch.Tensor, *, heun_steps: int = 18,
                      class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's Heun PF-ODE solution from x = sigma_max eps ([B, ...]; eps = `noise`, standard normal)."""
-    sigmas = karras_sigmas(heun_steps, device=noise.device)
-    return sample_heun(teacher.denoise, noise * sigmas[0], sigmas, class_labels=class_labels)
+    return heun_teacher_sample(teacher, noise, num_steps=heun_steps, class_labels=class_labels)
 
 
-@torch.no_grad()
-def student_one_step(student, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The student's 1-step sample from the same x = sigma_max eps (its EDM-view denoiser at sigma_max)."""
-    sigma_max = karras_sigmas(1, device=noise.device)[0]
-    return student.denoise(noise * sigma_max, sigma_max.expand(noise.shape[0]), class_labels)
+student_one_step = one_step_sample  # the student's 1-step sample from the same x = sigma_max eps
 
 
 @torch.no_grad()

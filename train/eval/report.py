@@ -18,8 +18,6 @@ What is measured depends on the checkpoint and its data set (read from the check
 from __future__ import annotations
 
 import json
-import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +26,23 @@ from typing import Any
 
 import torch
 
+from quickstep.artifacts import nfe
+
 from ..core import checkpoint as ckpt_io
-from ..core.sampling import heun_teacher_sample, sample_consistency
+from ..core.sampling import generate as core_generate
+from .pipeline import (
+    ImagesFn,
+    dataset_args,
+    evaluator_for,
+    fmt,
+    hardware,
+    load_split,
+    markdown_table,
+    plot_per_sigma,
+    plot_quality_vs_nfe,
+    plot_samples,
+    sample,
+)
 
 DEFAULT_STUDENT_STEPS = (1, 2)
 DEFAULT_TEACHER_STEPS = (2, 4, 9, 18)
@@ -48,14 +61,6 @@ class SampleRun:
     seconds_per_image: float
 
 
-def checkpoint_kind(config: dict[str, Any]) -> str:
-    """'consistency' when the checkpoint was trained with a student objective, else 'diffusion' (the trainer's
-    rule, `quickstep.train.loop.checkpoint_kind`)."""
-    from ..loop import checkpoint_kind as kind_of
-
-    return kind_of(config)
-
-
 def _find(path: str | Path) -> Path:
     """A checkpoint directory, or the latest checkpoint of a run directory (the trainer's rule)."""
     from ..loop import find_checkpoint
@@ -63,63 +68,46 @@ def _find(path: str | Path) -> Path:
     return find_checkpoint(path)
 
 
-def _dataset(config: dict[str, Any], split: str):
-    from ..data import load_dataset
+def model_images(model, sampler: str, steps: int, device: torch.device | str = "cpu",
+                 ts: Sequence[float] | None = None) -> ImagesFn:
+    """images(noises, labels) of a checkpoint in torch: noises = [eps, eps2, ...] standard normal (one per
+    consistency step; Heun takes eps only) -> float samples in the data range."""
+    if sampler not in ("consistency", "heun"):
+        raise ValueError(f"sampler must be 'consistency' or 'heun', got {sampler!r}")
 
-    d = (config.get("train") or {}).get("data")
-    if not d:
-        raise ValueError("the checkpoint's config.json has no train.data section; cannot tell which data it models")
-    seed = int((config.get("train") or {}).get("seed", 0))
-    # the data as trained on (same resolution and crop), never augmented: x-flip lives in the trainer only
-    return load_dataset(d["name"], path=d.get("path"), split=split, seed=seed, resolution=d.get("resolution"),
-                        crop=d.get("crop", "none"), **dict(d.get("options") or {}))
+    def images(noises: list[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return core_generate(model, sampler, noises[0].to(device), steps, ts=ts,
+                                 extra_noise=[n.to(device) for n in noises[1:]],
+                                 class_labels=None if labels is None else labels.to(device))
+
+    return images
 
 
 def generate(model, sampler: str, steps: int, n: int, *, seed: int = 0, batch_size: int = 500,
              device: torch.device | str = "cpu", ts: Sequence[float] | None = None) -> SampleRun:
-    """n samples from `model` with the consistency (NFE = steps; times `ts`, default the core's) or Heun
-    (NFE = 2 steps - 1) sampler."""
+    """n samples from `model` with the consistency (NFE = steps; times `ts`, default the core's) or Heun (NFE =
+    2 steps - 1) sampler; the noise of each batch is drawn from one torch generator seeded `seed` (eps, then the
+    later steps' noise)."""
     if steps < 1 or n < 1:
         raise ValueError(f"steps and n must be >= 1, got steps={steps}, n={n}")
+    images = model_images(model, sampler, steps, device, ts=ts)
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % model.num_classes if model.num_classes > 0 else None
-    outs, seconds = [], 0.0
-    for i in range(0, n, batch_size):
-        b = min(batch_size, n - i)
-        eps = torch.randn((b, *model.sample_shape), generator=g).to(device)
-        y = None if labels is None else labels[i : i + b].to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if sampler == "consistency":
-                extra = [model.sigma_data * torch.randn((b, *model.sample_shape), generator=g).to(device)
-                         for _ in range(steps - 1)]
-                x = sample_consistency(model, model.sigma_data * eps, steps=steps, ts=ts, class_labels=y,
-                                       extra_noise=extra)
-            elif sampler == "heun":
-                x = heun_teacher_sample(model, eps, num_steps=steps, class_labels=y)
-            else:
-                raise ValueError(f"sampler must be 'consistency' or 'heun', got {sampler!r}")
-        seconds += time.perf_counter() - t0
-        outs.append(x.cpu())
-    nfe = steps if sampler == "consistency" else 2 * steps - 1
-    return SampleRun(sampler, steps, nfe, torch.cat(outs), labels, seconds / n)
+    extra_steps = steps - 1 if sampler == "consistency" else 0
+
+    def inputs():
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            noises = [torch.randn((b, *model.sample_shape), generator=g) for _ in range(1 + extra_steps)]
+            yield noises, None if labels is None else labels[i : i + b]
+
+    samples, seconds = sample(images, inputs())
+    return SampleRun(sampler, steps, nfe(kind_of_sampler(sampler), steps), samples, labels, seconds / n)
 
 
-# ----------------------------------------------------------------------------------------------- quality
-def _image_quality(run: SampleRun, ref_feats: torch.Tensor, feat_fn, *, classify_fn=None,
-                   kid_normalize: bool = False) -> dict[str, Any]:
-    from .metrics import frechet_distance, kid, precision_recall
-
-    x = run.samples.clamp(-1, 1)
-    f = feat_fn(x)
-    k_mean, k_std = kid(f, ref_feats, subsets=20, subset_size=min(500, len(f), len(ref_feats)),
-                        normalize=kid_normalize)
-    prec, rec = precision_recall(ref_feats, f, k=3)
-    q: dict[str, Any] = {"fd": frechet_distance(f, ref_feats), "kid": k_mean, "kid_std": k_std,
-                         "precision": prec, "recall": rec}
-    if classify_fn is not None and run.labels is not None:
-        q["class_accuracy"] = float((classify_fn(x) == run.labels).float().mean())
-    return q
+def kind_of_sampler(sampler: str) -> str:
+    return "consistency" if sampler == "consistency" else "diffusion"
 
 
 def _row(run: SampleRun, quality: dict[str, Any]) -> dict[str, Any]:
@@ -142,108 +130,7 @@ def t_mid_sweep(model, score_fn, *, n: int, seed: int, grid: Sequence[float] = T
             "times": [tm, float(grid[best])], "n": n, "seed": seed}
 
 
-# ----------------------------------------------------------------------------------------------- plots
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - matplotlib is in the train extra
-        raise ImportError("report plots need matplotlib: pip install 'quickstep[train]'") from e
-    return plt
-
-
-def plot_quality_vs_nfe(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Path:
-    """Line plot of `metric` against NFE (log x axis)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    pts = sorted((r["nfe"], r[metric]) for r in rows if metric in r)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-    ax.set_xscale("log")
-    ax.set_xlabel("NFE")
-    ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_per_sigma(bands: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
-    """Per-sigma-band diagnostics (log-log), one line per diagnostic, band centres on x."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    for name, vals in bands.items():
-        xs = [math.sqrt(v["sigma_lo"] * v["sigma_hi"]) for v in vals]
-        ys = [max(abs(v["mean"]), 1e-12) for v in vals]
-        ax.plot(xs, ys, "o-", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sigma (band centre)")
-    ax.set_ylabel("value (|mean|)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_samples(run: SampleRun, path: Path, title: str, mixture=None, max_images: int = 64) -> Path:
-    """An image grid (images) or a scatter over the true density's contours (2-D vectors)."""
-    plt = _plt()
-    x = run.samples
-    if x.ndim == 4:
-        k = min(max_images, x.shape[0])
-        nrow = int(math.ceil(math.sqrt(k)))
-        imgs = ((x[:k].clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # [k, H, W, C]
-        h, w, c = imgs.shape[1:]
-        grid = torch.ones(nrow * h, nrow * w, c)
-        for i in range(k):
-            r, col = divmod(i, nrow)
-            grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = imgs[i]
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
-        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-        ax.axis("off")
-    else:
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
-        if mixture is not None and mixture.dim == 2:
-            g = torch.linspace(-2, 2, 120, dtype=torch.float64)
-            xx, yy = torch.meshgrid(g, g, indexing="xy")
-            lp = mixture.log_prob(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)).reshape(120, 120)
-            ax.contour(xx.numpy(), yy.numpy(), lp.numpy(), levels=8, linewidths=0.5, colors="grey")
-        pts = x[:, :2] if x.shape[1] >= 2 else torch.cat([x, torch.zeros_like(x)], 1)
-        ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=2, alpha=0.5)
-        ax.set_xlim(-2, 2)
-        ax.set_ylim(-2, 2)
-        ax.set_aspect("equal")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------- markdown
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v == 0 or 1e-3 <= abs(v) < 1e4:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub markdown table of `columns` from `rows` (missing values: '-')."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "-")) for c in columns) + " |")
-    return "\n".join(lines)
-
-
 def write_markdown(report: dict[str, Any], path: Path) -> Path:
     """report.md: the sample-quality table (with NFE and s/img), the diagnostics and the figures."""
     lines = [f"# Evaluation of `{report['checkpoint']}`", "",
@@ -257,7 +144,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         lines += ["## Sample quality (per sampler setting)", "", markdown_table(rows, cols), ""]
     if report.get("reference"):
         lines += ["Reference floor (true data against true data, same metric): "
-                  + ", ".join(f"{k} = {_fmt(v)}" for k, v in report["reference"].items()), ""]
+                  + ", ".join(f"{k} = {fmt(v)}" for k, v in report["reference"].items()), ""]
     for key, title in (("nll", "Likelihood (PF-ODE)"), ("ode_error", "ODE error (1-step student vs Heun PF-ODE)")):
         if report.get(key):
             items = report[key] if isinstance(report[key], list) else [report[key]]
@@ -280,14 +167,6 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({Path(f).name})" for f in report["figures"]] + [""]
     path.write_text("\n".join(lines))
     return path
-
-
-def hardware() -> str:
-    """One line describing the machine the evaluation ran on."""
-    import os
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {dev}"
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -320,43 +199,31 @@ def evaluate_checkpoint(
         raise ValueError(f"n must be >= 4 samples, got {n}")
     start = time.perf_counter()
     path = _find(ckpt)
-    config = ckpt_io.load_config(path)
+    meta = ckpt_io.load_meta(path)
     model = ckpt_io.load_model(path).to(device)
-    kind = checkpoint_kind(config)
-    sampler = "consistency" if kind == "consistency" else "heun"
+    kind, sampler = meta.kind, meta.sampler.name
     steps = tuple(steps) if steps else (DEFAULT_STUDENT_STEPS if kind == "consistency" else DEFAULT_TEACHER_STEPS)
     if any(int(s) < 1 for s in steps):
         raise ValueError(f"--steps must be positive integers, got {list(steps)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_ds = _dataset(config, "train")
-    test_ds = _dataset(config, "test")
+    train_ds = load_split(meta, "train")
+    test_ds = load_split(meta, "test")
     mixture = train_ds.mixture
     is_image = train_ds.spec.kind == "image"
     report: dict[str, Any] = {"checkpoint": str(path), "kind": kind, "data": train_ds.spec.name, "n": n, "seed": seed,
-                              "objectives": config.get("objectives"), "step": config.get("step"),
+                              "objectives": meta.objectives, "step": meta.step,
                               "hardware": hardware(), "quality": [], "figures": []}
     tasks = len(steps) + (3 if mixture is not None and kind == "diffusion" else 1)
     bar = tqdm(total=tasks, desc="eval", disable=not progress)
 
-    feat_fn = classify_fn = ref_feats = None
-    if is_image:
-        if train_ds.spec.name == "digits" and tuple(train_ds.spec.shape) == (1, 16, 16):
-            from .classifier import classify, features
+    ev = evaluator_for(train_ds, split="train", num_classes=model.num_classes, inception=inception, device=device)
+    if ev is not None:
+        from .metrics import frechet_distance
 
-            feat_fn, classify_fn = features, (classify if model.num_classes == 10 else None)
-        elif inception is not None:
-            from .inception import inception_features, load_inception
-
-            net = load_inception(inception, device=device)
-            feat_fn = lambda x: inception_features(net, x)  # noqa: E731
-        if feat_fn is not None:
-            ref_feats = feat_fn(train_ds.x)
-            from .metrics import frechet_distance
-
-            report["reference"] = {"fd_test_vs_train": frechet_distance(feat_fn(test_ds.x), ref_feats)}
-        else:
-            report["note"] = "no feature network for this data set: pass inception=PATH for FD/KID"
+        report["reference"] = {"fd_test_vs_train": frechet_distance(ev.features(test_ds.x), ev.ref_features)}
+    elif is_image:
+        report["note"] = "no feature network for this data set: pass inception=PATH for FD/KID"
 
     def score(run: SampleRun) -> float:
         if mixture is not None:
@@ -364,11 +231,11 @@ def evaluate_checkpoint(
 
             ref = mixture.sample(run.samples.shape[0], torch.Generator().manual_seed(seed + 8), dtype=torch.float64)
             return sliced_wasserstein(run.samples.double(), ref, generator=torch.Generator().manual_seed(1), p=1)
-        if feat_fn is not None:
-            return float(_image_quality(run, ref_feats, feat_fn, kid_normalize=inception is None)["fd"])
+        if ev is not None:
+            return float(ev.quality(run.samples, None)["fd"])
         raise ValueError("--sweep-t-mid needs gmm data, digits, or --inception for other image data")
 
-    times = ckpt_io.recorded_times(config) if kind == "consistency" else {}
+    times = ckpt_io.recorded_times(meta) if kind == "consistency" else {}
     if sweep_t_mid and kind == "consistency":
         bar.set_postfix_str("t_mid sweep")
         sweep = t_mid_sweep(model, score, n=n, seed=seed + 7, device=device)
@@ -390,9 +257,8 @@ def evaluate_checkpoint(
             from .gmm_diagnostics import sample_quality
 
             q = sample_quality(run.samples, mixture, generator=torch.Generator().manual_seed(seed)).to_dict()
-        elif feat_fn is not None:
-            q = _image_quality(run, ref_feats, feat_fn, classify_fn=classify_fn,
-                               kid_normalize=inception is None)  # the digits classifier's features
+        elif ev is not None:
+            q = ev.quality(run.samples, run.labels)
         else:
             q = {}
         report["quality"].append(_row(run, q))
@@ -470,7 +336,7 @@ def evaluate_checkpoint(
                                                     "exact diagnostics per sigma band")))
     for run in runs:
         name = f"samples_{run.sampler}_{run.steps}.png"
-        report["figures"].append(str(plot_samples(run, out / name, f"{run.sampler}, {run.steps} steps ({run.nfe} NFE)",
+        report["figures"].append(str(plot_samples(run.samples, out / name, f"{run.sampler}, {run.steps} steps ({run.nfe} NFE)",
                                                   mixture=mixture)))
     report["seconds"] = time.perf_counter() - start
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -478,5 +344,5 @@ def evaluate_checkpoint(
     return report
 
 
-__all__ = ["SampleRun", "checkpoint_kind", "evaluate_checkpoint", "generate", "markdown_table", "t_mid_sweep",
-           "write_markdown"]
+__all__ = ["SampleRun", "dataset_args", "evaluate_checkpoint", "generate", "markdown_table", "model_images",
+           "t_mid_sweep", "write_markdown"]

@@ -79,6 +79,7 @@ class StepContext:
     references: ReferenceProvider | None = None  # STF reference batches: first rows are the global batch
     global_batch: Batch | None = None  # the whole batch of this step (all ranks); references start with it
     metrics: dict[str, float] = field(default_factory=dict)  # detached diagnostics, logged not summed
+    skip_update: bool = False  # an objective asks the trainer not to apply this step (weights and EMA stay)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -121,11 +122,23 @@ class StepContext:
         return self._cache[key]
 
 
+SAMPLERS = ("heun", "consistency")
+# what an objective declares about itself (class attributes); `register_objective` fills in the defaults
+DECLARATIONS: dict[str, Any] = {"needs_teacher": False, "init_from_teacher": False, "sampler": "heun"}
+
+
 @runtime_checkable
 class Objective(Protocol):
-    """A training objective: `objective(model, batch, ctx)` -> named, weighted scalar loss terms."""
+    """A training objective: `objective(model, batch, ctx)` -> named, weighted scalar loss terms.
+
+    It declares `needs_teacher` (the trainer refuses to start without --teacher), `init_from_teacher` (the student
+    starts as the teacher's EMA) and `sampler` ('heun' for diffusion models, 'consistency' for consistency models:
+    how the trained model generates, recorded as the checkpoint's kind)."""
 
     config: Any
+    needs_teacher: bool
+    init_from_teacher: bool
+    sampler: str
 
     def __call__(self, model: Any, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]: ...
 
@@ -139,7 +152,15 @@ class ObjectiveSpec:
 
     @property
     def needs_teacher(self) -> bool:
-        return bool(getattr(self.factory, "needs_teacher", False))
+        return bool(self.factory.needs_teacher)
+
+    @property
+    def init_from_teacher(self) -> bool:
+        return bool(self.factory.init_from_teacher)
+
+    @property
+    def sampler(self) -> str:
+        return str(self.factory.sampler)
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -153,6 +174,11 @@ def register_objective(name: str, config_cls: type) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         if name in OBJECTIVES and OBJECTIVES[name].factory is not cls:
             raise ValueError(f"objective {name!r} is already registered")
+        for attr, default in DECLARATIONS.items():
+            if attr not in dir(cls):
+                setattr(cls, attr, default)
+        if cls.sampler not in SAMPLERS:
+            raise ValueError(f"objective {name!r} declares sampler {cls.sampler!r}; valid samplers: {SAMPLERS}")
         OBJECTIVES[name] = ObjectiveSpec(name, config_cls, cls, (cls.__doc__ or "").strip().splitlines()[0]
                                          if cls.__doc__ else "")
         return cls

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.trigflow import SIGMA_MIN
+from ..core.trigflow import SIGMA_MIN, rho_interp
 from .base import Batch, StepContext, register_objective
 from .diffusion import perturb
 
@@ -23,8 +23,7 @@ from .diffusion import perturb
 def edm_grid(sigma: torch.Tensor, sigma_next: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:
     """Per-sample EDM rho-schedule from sigma to sigma_next: [steps + 1, B] (CDM `edm_schedule`)."""
     ramp = torch.linspace(0, 1, steps + 1, device=sigma.device, dtype=sigma.dtype)[:, None]  # [S+1, 1]
-    a, b = sigma[None, :] ** (1 / rho), sigma_next[None, :] ** (1 / rho)
-    return (a + ramp * (b - a)) ** rho
+    return rho_interp(sigma[None, :], sigma_next[None, :], ramp, rho)
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.sampling import karras_sigmas, sample_euler, sample_heun
-from ..core.trigflow import SIGMA_MAX, SIGMA_MIN, _bcast
+from ..core.sampling import heun_teacher_sample, karras_sigmas, one_step_sample, sample_euler, sample_heun
+from ..core.trigflow import SIGMA_MAX, SIGMA_MIN, bcast
 from .base import Batch, StepContext, register_objective
 
 SOLVERS = ("heun", "euler")
@@ -129,7 +129,7 @@ class _GridDistillation:
         level = (ctx.rand() * n_levels).long().clamp(max=n_levels - 1)  # [b]
         eps = ctx.randn(batch.x.shape[1:])  # [b, ...]
         sigma = sigmas[level]  # [b]
-        x_sigma = batch.x + _bcast(sigma, batch.x) * eps  # [b, ...]
+        x_sigma = batch.x + bcast(sigma, batch.x) * eps  # [b, ...]
         with torch.autocast(device_type=x_sigma.device.type, enabled=False):
             target = self.target(model, ctx.teacher, x_sigma, level, sigmas, batch.y).float()
         use_bf16 = cfg.bf16 and x_sigma.device.type == "cuda"
@@ -170,10 +170,8 @@ def ode_error(student: nn.Module, teacher: nn.Module, noise: torch.Tensor, *, he
 
     `noise` is standard-normal eps [B, ...]; the student's 1-step sample and the teacher's `heun_steps`-step solve
     both start at x_sigma = sigma_max eps (x_t at t_max = arctan(sigma_max / sigma_d))."""
-    sigmas = karras_sigmas(heun_steps, device=noise.device)
-    x = noise * sigmas[0]
-    ref = sample_heun(teacher.denoise, x, sigmas, class_labels=class_labels)
-    one = student.denoise(x, sigmas[0].expand(noise.shape[0]), class_labels)
+    ref = heun_teacher_sample(teacher, noise, num_steps=heun_steps, class_labels=class_labels)
+    one = one_step_sample(student, noise, class_labels)
     return float((one - ref).square().flatten(1).mean())
 
 

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core import trigflow
+from ..core.jvp import LinearisedLayers, forward_ad_jvp  # noqa: F401  (the JVP engine lives in core)
 from ..core.networks import exact_autodiff
-from ..core.trigflow import _bcast
+from ..core.trigflow import bcast
 from .base import Batch, StepContext, register_objective
 
 TANGENT_NORMS = ("rms", "l2")
@@ -54,7 +52,7 @@ def per_sample_norm(x: torch.Tensor, norm: str = "rms") -> torch.Tensor:
 
 def normalize_tangent(g: torch.Tensor, c: float = 0.1, norm: str = "rms") -> torch.Tensor:
     """Tangent normalisation g / (||g|| + c) (sCM Sec. 4.2).  g: [B, ...]"""
-    return g / _bcast(per_sample_norm(g, norm) + c, g)
+    return g / bcast(per_sample_norm(g, norm) + c, g)
 
 
 def warmup_ratio(step: int, warmup_steps: int) -> float:
@@ -81,72 +79,6 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def _fork_devices(x: torch.Tensor) -> list[Any]:
     return [x.device] if x.device.type == "cuda" else []
 
-
-
-# ----------------------------------------------------------------------------------------------- fast exact JVP
-def _has_tangent(x: torch.Tensor | None) -> bool:
-    return x is not None and fwAD.unpack_dual(x).tangent is not None
-
-
-def _conv_jvp(func: Any, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *args: Any,
-              **kwargs: Any) -> torch.Tensor:
-    """conv(x + eps dx; W) with W, b constant: primal conv(x; W, b), tangent conv(dx; W) -- two convolutions
-    (autograd's formula adds a third, conv(x; dW) with a zero dW)."""
-    x, dx = fwAD.unpack_dual(input)
-    if dx is None or _has_tangent(weight) or _has_tangent(bias):
-        return func(input, weight, bias, *args, **kwargs)
-    return fwAD.make_dual(func(x, weight, bias, *args, **kwargs), func(dx, weight, None, *args, **kwargs))
-
-
-def _group_norm_jvp(input: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """GroupNorm with constant affine parameters, tangent in closed form (per group, N elements):
-    d xhat = rstd (dx - mean(dx) - xhat mean(xhat dx)) = a dx + b x + c with per-group scalars a, b, c;
-    two reductions and two fused passes instead of autograd's decomposed formula."""
-    x, dx = fwAD.unpack_dual(input)
-    if dx is None or _has_tangent(weight) or _has_tangent(bias):
-        return F.group_norm(input, num_groups, weight, bias, eps)
-    b, c = x.shape[0], x.shape[1]
-    hw = x[0, 0].numel()
-    y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, hw, num_groups, eps)  # mean, rstd: [B, G]
-    xg, dxg = x.reshape(b, num_groups, -1), dx.reshape(b, num_groups, -1)  # [B, G, N]
-    m_dx = dxg.mean(2)  # [B, G]
-    m_xhat_dx = rstd * (torch.linalg.vecdot(xg, dxg, dim=2) / xg.shape[2] - mean * m_dx)  # mean(xhat dx)
-    coef_dx = rstd
-    coef_x = -rstd * rstd * m_xhat_dx
-    const = rstd * (mean * rstd * m_xhat_dx - m_dx)
-    coefs = [k[:, :, None, None] for k in (coef_dx, coef_x, const)]  # [B, G, 1, 1]
-    if weight is not None:
-        w = weight.reshape(1, num_groups, -1, 1)  # [1, G, C/G, 1]
-        coefs = [k * w for k in coefs]
-    shape4 = (b, num_groups, c // num_groups, hw)
-    dy = torch.addcmul(torch.addcmul(coefs[2], coefs[1], x.reshape(shape4)), coefs[0], dx.reshape(shape4))
-    return fwAD.make_dual(y, dy.reshape(x.shape))
-
-
-class LinearisedLayers(TorchFunctionMode):
-    """Forward-mode AD with constant weights, made cheap: conv2d and group_norm calls on dual tensors get exact
-    hand-written tangents (see `_conv_jvp`, `_group_norm_jvp`); every other op uses autograd's formula."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.conv2d or func is F.conv2d:
-            return _conv_jvp(func, *args, **kwargs)
-        if func is F.group_norm:
-            return _group_norm_jvp(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def forward_ad_jvp(fn, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...]
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fn(*primals), d fn . tangents) by dual numbers (torch.autograd.forward_ad) with LinearisedLayers:
-    the same exact JVP as torch.func.jvp, ~1.7x cheaper on the sCM U-Net (tests/benchmarks/bench_training.py)."""
-    with fwAD.dual_level(), LinearisedLayers():
-        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)]
-        primal, tangent = fwAD.unpack_dual(fn(*duals))
-    if tangent is None:  # the output does not depend on the inputs
-        tangent = torch.zeros_like(primal)
-    return primal, tangent
 
 
 def trigflow_jvp(
@@ -176,21 +108,21 @@ def trigflow_jvp(
     kernel = exact_autodiff() if method != "finite_difference" else contextlib.nullcontext()
     with torch.no_grad(), torch.autocast(device_type=device_type, enabled=False), kernel:
         if method == "autograd":
-            F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
+            F_minus, cs_dFdt = torch.func.jvp(fn, (x_t, t), (bcast(cs, x_t) * dxdt, cs))
             return F_minus, cs_dFdt
         if method == "forward_ad":
-            return forward_ad_jvp(fn, (x_t, t), (_bcast(cs, x_t) * dxdt, cs))
+            return forward_ad_jvp(fn, (x_t, t), (bcast(cs, x_t) * dxdt, cs))
         h = (fd_eps * t.abs()).clamp(min=1e-6)  # [B]
         t_plus = (t + h).clamp(max=math.pi / 2 - _T_EDGE)
         t_minus = (t - h).clamp(min=_T_EDGE)
-        x_plus = x_t + _bcast(t_plus - t, x_t) * dxdt
-        x_minus = x_t + _bcast(t_minus - t, x_t) * dxdt
+        x_plus = x_t + bcast(t_plus - t, x_t) * dxdt
+        x_minus = x_t + bcast(t_minus - t, x_t) * dxdt
         with torch.random.fork_rng(devices=_fork_devices(x_t)):
             F_plus = _f32(fn(x_plus, t_plus))
         with torch.random.fork_rng(devices=_fork_devices(x_t)):
             F_minus_ = _f32(fn(x_minus, t_minus))
-        dFdt = (F_plus - F_minus_) / _bcast(t_plus - t_minus, x_t)
-        return 0.5 * (F_plus + F_minus_), _bcast(cs, x_t) * dFdt
+        dFdt = (F_plus - F_minus_) / bcast(t_plus - t_minus, x_t)
+        return 0.5 * (F_plus + F_minus_), bcast(cs, x_t) * dFdt
 
 
 def scm_tangent(
@@ -206,8 +138,8 @@ def scm_tangent(
 
     `cs_dFdt` is cos t sin t dF-/dt as returned by `trigflow_jvp`.  All [B, ...] except t [B]; float32."""
     cos, sin = torch.cos(t), torch.sin(t)
-    g1 = -_bcast(cos * cos, x_t) * (sigma_data * F_minus - dxdt)
-    g2 = -(_bcast(cos * sin, x_t) * x_t + sigma_data * cs_dFdt)
+    g1 = -bcast(cos * cos, x_t) * (sigma_data * F_minus - dxdt)
+    g2 = -(bcast(cos * sin, x_t) * x_t + sigma_data * cs_dFdt)
     return g1 + r * g2
 
 
@@ -319,7 +251,7 @@ def scm_step(
     with torch.no_grad():
         g_raw = scm_tangent(F_minus, cs_dFdt, _f32(x_t), _f32(t), _f32(dxdt), r, sd)
         finite = torch.isfinite(g_raw.flatten(1)).all(dim=1)  # [B]
-        g = normalize_tangent(torch.where(_bcast(finite, g_raw), g_raw, torch.zeros_like(g_raw)),
+        g = normalize_tangent(torch.where(bcast(finite, g_raw), g_raw, torch.zeros_like(g_raw)),
                               config.tangent_c, config.tangent_norm)
     logvar = model.logvar(_f32(t)) if config.adaptive_weighting else torch.zeros_like(_f32(t))
     loss, mse = scm_per_sample_loss(F_theta, g, logvar, _f32(t), sd, prior_weight=config.prior_weight)
@@ -365,6 +297,7 @@ class _SCMBase:
         # non-finite tangent: skip the whole step (zero loss and gradient; the trainer skips the update on every
         # rank when any rank reports skip_step > 0) and count it.  The metric names never vary between ranks.
         skip = not bool(out.finite.all())
+        ctx.skip_update = ctx.skip_update or skip
         self.skipped_steps += int(skip)
         ctx.metrics["skip_step"] = max(float(skip), ctx.metrics.get("skip_step", 0.0))
         ctx.metrics[f"{self.name}/nonfinite_tangents"] = float((~out.finite).sum())

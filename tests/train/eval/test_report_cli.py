@@ -10,15 +10,15 @@ from quickstep.train.cli import main
 from quickstep.train.core import ModelConfig, build_model
 from quickstep.train.core.checkpoint import save_checkpoint
 from quickstep.train.core.networks import MLPConfig
-from quickstep.train.eval.report import checkpoint_kind
 
 
 def _ckpt(path, objectives):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_model(ModelConfig(backbone=MLPConfig(dim=2, hidden=16, depth=1, emb_channels=16)))
+    kind = "consistency" if "sct" in objectives else "diffusion"  # what the trainer records for these objectives
     extra = {"train": {"seed": 0, "data": {"name": "gmm", "options": {"preset": "ring8", "n": 500}}},
-             "objectives": objectives, "step": 0}
+             "objectives": objectives, "step": 0, "kind": kind}
     return save_checkpoint(path, model, extra_config=extra)
 
 
@@ -30,7 +30,7 @@ def test_eval_cli_writes_report_json_md_and_plots(tmp_path, capsys, objectives, 
                "--diag-n", "32", "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["kind"] == checkpoint_kind({"objectives": objectives})
+    assert rep["kind"] == ("consistency" if "sct" in objectives else "diffusion")
     for row in rep["quality"]:  # every quality number with its NFE and wall time per image
         assert row["nfe"] >= 1 and row["seconds_per_image"] > 0 and "sliced_w2" in row
     if rep["kind"] == "diffusion":
