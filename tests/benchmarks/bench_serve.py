@@ -77,9 +77,9 @@ BACKEND_CPU_MS: list[float] = []  # process CPU ms per 1-image backend call (fil
 def settings_overrides(server_args: list[str]) -> dict:
     """quickstep-serve flags (--torch-dtype=bfloat16 ...) -> ServeSettings fields, so the in-process backend call runs
     exactly what the server runs."""
-    from quickstep.serve.cli import build_parser
+    from quickstep.serve.cli import parse_overrides
 
-    return {k: v for k, v in vars(build_parser().parse_args(server_args)).items() if v is not None}
+    return parse_overrides(server_args)
 
 
 def bench_backend(bundle: Path, n: int, threads: int = 0, **settings: object) -> tuple[float, float, dict[int, float]]:
