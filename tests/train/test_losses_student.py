@@ -403,15 +403,6 @@ def _quality(model, gmm, n=2000, seed=123):
     return sliced_wasserstein(one, fresh), sliced_wasserstein(two, fresh)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny MLPs run fastest single-threaded (and do not fight other processes for the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("kind", ["sct", "scd"])
 def test_short_scm_run_improves_one_and_two_step_samples(kind, one_thread):
     """250 steps on the 8-Gaussian ring (sCD with the exact mixture PF-ODE as the teacher).
