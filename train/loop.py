@@ -292,6 +292,8 @@ class Trainer:
         wants_teacher_init = any(get_objective_spec(n).init_from_teacher for n in cfg.objectives)
         init_from_teacher = self.teacher is not None and not cfg.init_from and wants_teacher_init
 
+        self.data_std = data_std(self.dataset)  # [issue 17] sigma_data should match it (one pass over the data)
+
         # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
         if init_from_teacher:
             from .losses.scm import init_student_from_teacher
@@ -308,7 +310,7 @@ class Trainer:
 
                 self.model = init_student_from_teacher(self.model, self.model)  # fresh logvar head
         else:
-            mcfg: ModelConfig = model_config(cfg, self.spec, data_std=data_std(self.dataset))
+            mcfg: ModelConfig = model_config(cfg, self.spec, data_std=self.data_std)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(mcfg)
@@ -318,7 +320,6 @@ class Trainer:
             for m in (self.model, self.teacher):
                 if m is not None:
                     m.set_channels_last(True)
-        self.data_std = data_std(self.dataset)  # [issue 17] sigma_data should match it
         msg = data_scale_message(self.data_std, self.model.sigma_data)
         if msg is not None and self.rank == 0 and resume is None:
             warnings.warn(msg, DataScaleWarning, stacklevel=2)
