@@ -24,7 +24,6 @@ built on the same GPU model (`quickstep-export tensorrt` on that machine first).
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 from quickstep.train.core.checkpoint import atomic_write_dir
 
-from quickstep.artifacts import GraphEntry
+from quickstep.artifacts import GraphEntry, triton_model_name, triton_name
 
 from .bundle import read_manifest
 from .onnx import ExportError
@@ -43,11 +42,6 @@ MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
           "uint8": "TYPE_UINT8"}
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-
-
-def triton_name(name: str) -> str:
-    """A model name safe for a repository directory."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
 
 
 def _dims(shape: Sequence[Any]) -> tuple[list[int], list[int] | None]:
@@ -211,14 +205,12 @@ def write_triton_repository(
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     base = triton_name(manifest.name)
-    suffix = "step" if manifest.kind == "consistency" else ""
-    prefix = "" if manifest.kind == "consistency" else "heun"
     models: list[tuple[str, dict[str, Any], Path]] = []
     for key, graph in sorted(manifest.graphs.items(), key=lambda kv: int(kv[0])):
         if backend == "onnxruntime" and not graph.onnx:
             raise ExportError(f"the bundle's graph for steps={key} has no ONNX file")
         src = bundle / (graph.onnx if backend == "onnxruntime" else _plan_for(graph, engine))
-        models.append((f"{base}_{prefix}{key}{suffix}", graph.io_dict(), src))
+        models.append((triton_model_name(manifest.name, manifest.kind, int(key)), graph.io_dict(), src))
     den = manifest.denoiser
     if include_denoiser and backend == "onnxruntime" and den is not None and den.onnx:
         models.append((f"{base}_denoiser", den.io_dict(), bundle / den.onnx))

@@ -75,6 +75,18 @@ def plan_tag(gpu_name: str, trt_version: str) -> str:
     return f"{gpu}.trt{trt_version}"
 
 
+def triton_name(name: str) -> str:
+    """A model name safe for a Triton repository directory."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def triton_model_name(bundle_name: str, kind: str, steps: int) -> str:
+    """The Triton model name of a bundle's generator graph: NAME_{k}step (consistency) or NAME_heun{k} (diffusion);
+    `quickstep-export triton` writes it and the server's v2 routes answer to it."""
+    base = triton_name(bundle_name)
+    return f"{base}_{steps}step" if kind == "consistency" else f"{base}_heun{steps}"
+
+
 def draw_noise(seed: int, n: int, shape: tuple[int, ...], num_noise: int) -> list[np.ndarray]:
     """The noise convention (DESIGN.md): image k of a request with `seed` uses default_rng([seed, k]):
     standard_normal(shape, float32) for `noise`, the next draw for `noise2`, ... -> num_noise arrays [n, *shape].

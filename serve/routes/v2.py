@@ -12,7 +12,6 @@ Errors are {"error": "<message>"}: 400 for a bad request, 404 for an unknown mod
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+
+from quickstep.artifacts import triton_model_name
 
 from ..deps import ServiceDep, SettingsDep, TimeoutDep
 from ..errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
@@ -61,12 +62,6 @@ def inline_schema(model: type) -> dict[str, Any]:
         return node
 
     return resolve(schema)
-
-
-def triton_model_name(bundle_name: str, kind: str, steps: int) -> str:
-    """The model name `quickstep-export triton` gives a bundle's graph (export/triton.py: triton_name + suffix)."""
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", bundle_name).strip("._") or "model"
-    return f"{base}_{steps}step" if kind == "consistency" else f"{base}_heun{steps}"
 
 
 @dataclass(frozen=True)
