@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "students"
 RUNS = ROOT / "runs" / "students"
+CURVE_POINTS = 5  # quality checkpoints per run (every steps/5): the quality-vs-steps and -wall-time curves
 T_MID_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 
 # recipe -> (preset, teacher: None | "trained" | "exact", init_from the trained teacher?, --set overrides)
@@ -37,6 +38,9 @@ RECIPES: dict[str, tuple[str, str | None, bool, list[str]]] = {
     # "scd": the recipe as landed before issue 17 (learned adaptive weighting on); "+noaw" is the fixed preset
     "scd": ("gmm2d-scd", "trained", False, ["objectives.scd.adaptive_weighting=true"]),
     "scd-exact": ("gmm2d-scd", "exact", True, ["objectives.scd.adaptive_weighting=true"]),
+    # the committed gmm2d-scd preset as it is (adaptive weighting off, lr 3e-4), from the trained / exact teacher
+    "scd-final": ("gmm2d-scd", "trained", False, []),
+    "scd-final-exact": ("gmm2d-scd", "exact", True, []),
     "direct-cm": ("gmm2d-direct-cm", "trained", False, []),
     "cd": ("gmm2d-cd", "trained", False, []),
     "direct-cm-exact": ("gmm2d-direct-cm", "exact", True, []),
@@ -83,9 +87,10 @@ def recipe(name: str) -> tuple[str, str | None, bool, list[str]]:
 def _config(preset: str, mixture: str, seed: int, steps: int, sets: list[str]):
     from quickstep.train.config import load_preset
 
-    every = max(steps // 15, 50)
+    every = max(steps // CURVE_POINTS // 4, 25)  # log (and the map-error curve) 4x per quality checkpoint
     return load_preset(preset, [f"data.options.preset=\"{mixture}\"", f"seed={seed}", f"steps={steps}",
-                                f"log.every={every}", f"log.ckpt_every={steps}", "log.progress=false",
+                                f"log.every={every}", f"log.ckpt_every={max(steps // CURVE_POINTS, 1)}",
+                                "log.keep_checkpoints=0", "log.progress=false",
                                 "log.samples=false", "log.tensorboard=false", "device=\"cpu\"", *sets])
 
 
@@ -149,6 +154,31 @@ def evaluate_student(model, mixture, n: int) -> dict[str, Any]:
             "map_error_mean": sum(b["mean"] for b in bands) / len(bands)}
 
 
+@torch.no_grad()
+def checkpoint_curve(run_dir: Path, log: list[dict[str, Any]], mixture, n: int) -> list[dict[str, Any]]:
+    """Quality of the EMA at every checkpoint the run kept: 1-step and 2-step (t_mid 1.1) sliced W1 / log-lik on
+    n samples and the mean exact-map error; `seconds` is the training wall time at that step (from log.jsonl)."""
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.core.trigflow import t_max
+    from quickstep.train.eval.gmm_diagnostics import ConsistencyMapProbe
+
+    t0 = float((run_dir / "fit_start.txt").read_text())  # wall clock when fit() began
+    when = {r["step"]: r["time"] - t0 for r in log}
+    rows = []
+    for d in sorted(run_dir.glob(f"{ckpt.CKPT_PREFIX}*")):
+        step = int(d.name.removeprefix(ckpt.CKPT_PREFIX))
+        model = ckpt.load_model(d, which="ema").eval()
+        tm = t_max(sigma_data=model.sigma_data)
+        probe = ConsistencyMapProbe(mixture, sigma_data=model.sigma_data, n=256,
+                                    generator=torch.Generator().manual_seed(7))
+        bands = probe(model)
+        rows.append({"step": step, "seconds": when.get(step),
+                     "one_step": quality(consistency_samples(model, n, 100, [tm]), mixture, 200),
+                     "two_step": quality(consistency_samples(model, n, 102, [tm, 1.1]), mixture, 202),
+                     "map_error_mean": sum(b.mean for b in bands) / len(bands)})
+    return rows
+
+
 def evaluate_teacher(path: Path, mixture, n: int) -> dict[str, Any]:
     from quickstep.train.core import checkpoint as ckpt
     from quickstep.train.core.sampling import heun_teacher_sample
@@ -192,6 +222,8 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         tr = Trainer(cfg, out, teacher=teacher)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fit_start.txt").write_text(f"{time.time():.3f}\n")
         tr.fit()
         wall = time.perf_counter() - t0
         (out / "wall_seconds.txt").write_text(f"{wall:.2f}\n")
@@ -199,10 +231,11 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     curve = [{"step": r["step"], "time": r["time"] - log[0]["time"], **{k: v for k, v in r.items()
              if k.startswith("map_err")}} for r in log]
     model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval()
+    quality_curve = checkpoint_curve(out, log, mixture, n // 2)
     res = {"mixture": mixture_name, "recipe": name, "seed": seed, "steps": steps, "preset": preset,
            "teacher": teacher_kind, "init_from_teacher": init, "overrides": sets[: len(sets) - int(init)],
            "train_seconds": wall, "teacher_eval": evaluate_teacher(tdir, mixture, n),
-           **evaluate_student(model, mixture, n), "curve": curve,
+           **evaluate_student(model, mixture, n), "curve": curve, "quality_curve": quality_curve,
            "command": " ".join(["python scripts/students.py", *sys.argv[1:]])}
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(res, indent=1))
@@ -286,45 +319,58 @@ def summary(mixture: str) -> str:
     return "\n".join(lines)
 
 
-def plots(mixtures: list[str]) -> list[Path]:
-    """PNG per mixture: the EMA's exact-map error (mean over bands) against steps and against wall time, one line
-    per recipe (mean over seeds, band = min..max), written to docs/results/students/<mixture>-map-error.png."""
+def plots(mixtures: list[str], recipes: list[str] | None = None) -> list[Path]:
+    """PNG per mixture, docs/results/students/<mixture>-quality-vs-compute.png: the EMA student's 1-step sliced W1,
+    1-step log-likelihood, 2-step (t_mid 1.1) log-likelihood and exact-map error against training steps (top) and
+    training wall time (bottom); one line per recipe (mean over seeds, band = min..max), the teacher dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [("1-step sliced W1", lambda q: q["one_step"]["sliced_w1"], "log"),
+              ("1-step log-likelihood", lambda q: q["one_step"]["log_likelihood"], "linear"),
+              ("2-step log-likelihood (t_mid 1.1)", lambda q: q["two_step"]["log_likelihood"], "linear"),
+              ("exact-map error E||f-Phi*||^2", lambda q: q["map_error_mean"], "log")]
     out = []
     for mixture in mixtures:
         by: dict[str, list[dict[str, Any]]] = {}
         for f in sorted((OUT / mixture).glob("*.json")):
-            if f.name.startswith("weighting-"):
-                continue
-            r = json.loads(f.read_text())
-            by.setdefault(r["recipe"], []).append(r)
+            r = json.loads(f.read_text()) if not f.name.startswith("weighting-") else {}
+            if r.get("quality_curve") and (recipes is None or r["recipe"] in recipes):
+                by.setdefault(r["recipe"], []).append(r)
         if not by:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        teacher = next(iter(by.values()))[0]["teacher_eval"]["heun_35_nfe"]
+        fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5))
         for name, rs in sorted(by.items()):
-            n = min(len(r["curve"]) for r in rs)
-            steps = [rs[0]["curve"][i]["step"] for i in range(n)]
-            secs = [statistics.mean(r["curve"][i]["time"] * r["train_seconds"] / max(r["curve"][-1]["time"], 1e-9)
-                                    for r in rs) for i in range(n)]
-            vals = [[r["curve"][i]["map_err_ema/mean"] for r in rs] for i in range(n)]
-            mean = [statistics.mean(v) for v in vals]
-            for ax, x in ((axes[0], steps), (axes[1], secs)):
-                line, = ax.plot(x, mean, label=f"{name} ({len(rs)} seeds)")
-                ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, color=line.get_color())
-        for ax, xl in ((axes[0], "training step"), (axes[1], "training wall time (s, 2 shared CPU cores)")):
-            ax.set_yscale("log")
-            ax.set_xlabel(xl)
-            ax.set_ylabel("E||f_ema - Phi*||^2 (mean over sigma bands)")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{mixture}: exact consistency-map error of the EMA student")
+            n = min(len(r["quality_curve"]) for r in rs)
+            steps = [rs[0]["quality_curve"][i]["step"] for i in range(n)]
+            secs = [statistics.mean(r["quality_curve"][i]["seconds"] for r in rs) for i in range(n)]
+            for j, (_, get, _) in enumerate(panels):
+                vals = [[get(r["quality_curve"][i]) for r in rs] for i in range(n)]
+                mean = [statistics.mean(v) for v in vals]
+                for ax, x in ((axes[0, j], steps), (axes[1, j], secs)):
+                    line, = ax.plot(x, mean, marker="o", ms=3, label=f"{name} ({len(rs)} seeds)")
+                    ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15,
+                                    color=line.get_color())
+        for j, (title, _, scale) in enumerate(panels):
+            ref = {0: teacher["sliced_w1"], 1: teacher["log_likelihood"], 2: teacher["log_likelihood"]}.get(j)
+            for i, xl in enumerate(("training step", "training wall time (s, 1 thread, shared 2-core CPU)")):
+                ax = axes[i, j]
+                if ref is not None:
+                    ax.axhline(ref, color="k", ls="--", lw=1, label="teacher, Heun 35 NFE")
+                ax.set_yscale(scale)
+                if scale == "linear":
+                    ax.set_ylim(bottom=max(ax.get_ylim()[0], ref - 3.0 if ref is not None else -10.0))
+                ax.set_xlabel(xl)
+                ax.set_title(title, fontsize=9)
+                ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"{mixture}: consistency students (EMA) against training compute")
         fig.tight_layout()
-        path = OUT / f"{mixture}-map-error.png"
-        fig.savefig(path, dpi=110)
+        path = OUT / f"{mixture}-quality-vs-compute.png"
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         out.append(path)
     return out
@@ -354,7 +400,7 @@ def main() -> int:
                       f"E|g_n|^2/D {r['mse_normalised']:.3g}  g_raw_rms {r['g_raw_rms']:.3g}")
         return 0
     if a.plots:
-        for path in plots(a.mixture.split(",")):
+        for path in plots(a.mixture.split(","), a.recipes.split(",") if a.recipes != "scd" else None):
             print(path.relative_to(ROOT))
         return 0
     if a.summary:

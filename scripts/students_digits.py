@@ -1,0 +1,133 @@
+"""Issue 17 on digits: sCD students from one digits-stf teacher, with and without sCM's learned adaptive weighting,
+scored by FD (digits classifier features, train split) at 1 and 2 steps against the teacher's 35-NFE FD.
+
+    python scripts/students_digits.py --teacher runs/bundle-teacher --recipes scd-noaw --seeds 0,1,2
+    python scripts/students_digits.py --summary
+
+Each run is the real CLI a user runs -- `quickstep-train fit --preset digits-scd --teacher T ...` and then
+`quickstep-train eval --ckpt RUN --n N --sweep-t-mid` -- and writes docs/results/students/digits/<recipe>-s<seed>.json
+(the eval report's quality rows, the t_mid sweep, the training wall time). Finished runs are skipped and a run
+directory with a final checkpoint is only evaluated, so the script resumes after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "results" / "students" / "digits"
+RUNS = ROOT / "runs" / "students" / "digits"
+BIN = Path(sys.executable).parent
+
+# recipe -> --set overrides on the digits-scd preset
+RECIPES: dict[str, list[str]] = {
+    "scd-aw": ["objectives.scd.adaptive_weighting=true"],  # sCM's learned adaptive weighting (the paper's default)
+    "scd-noaw": ["objectives.scd.adaptive_weighting=false"],  # issue 17's fix on the mixtures
+}
+
+
+def _cli(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    print("+ quickstep-train " + " ".join(args), flush=True)
+    subprocess.run([str(BIN / "quickstep-train"), *args], check=True, env=env)
+
+
+def _eval(ckpt: Path, out: Path, n: int, steps: str, sweep: bool) -> dict[str, Any]:
+    if not (out / "report.json").exists():
+        _cli("eval", "--ckpt", str(ckpt), "--n", str(n), "--steps", steps, "--out", str(out), "--no-progress",
+             *(["--sweep-t-mid"] if sweep else []))
+    return json.loads((out / "report.json").read_text())
+
+
+def teacher_eval(teacher: Path, n: int) -> dict[str, Any]:
+    """The teacher's FD at Heun 18 steps (35 NFE), same n and seed as the students."""
+    return _eval(teacher, RUNS / f"eval-teacher-{teacher.name}", n, "18", sweep=False)
+
+
+def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
+    dest = OUT / f"{name}-s{seed}.json"
+    if dest.exists():
+        print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
+        return dest
+    run = RUNS / f"{name}-s{seed}"
+    final = run / f"step-{steps:07d}"
+    if not (final / "config.json").exists() or not (run / "wall_seconds.txt").exists():
+        if run.exists():
+            shutil.rmtree(run)
+        sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
+                f"log.ckpt_every={steps}", *RECIPES[name]]
+        t0 = time.perf_counter()
+        _cli("fit", "--preset", "digits-scd", "--teacher", str(teacher), "--out", str(run), "--steps", str(steps),
+             *[a for s in sets for a in ("--set", s)])
+        (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    report = _eval(run, run / "eval", n, "1,2", sweep=True)
+    t = teacher_eval(teacher, n)
+    res = {"recipe": name, "seed": seed, "steps": steps, "overrides": RECIPES[name], "teacher": teacher.name,
+           "train_seconds": float((run / "wall_seconds.txt").read_text()),
+           "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],
+           "t_mid_sweep": report.get("t_mid_sweep"), "times": report.get("times"),
+           "reference": report.get("reference"), "n": n,
+           "command": " ".join(["python scripts/students_digits.py", *sys.argv[1:]])}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(res, indent=1, default=float))
+    fd = {q["steps"]: q["fd"] for q in report["quality"]}
+    print(f"{dest.relative_to(ROOT)}: FD 1-step {fd.get(1, float('nan')):.2f}, 2-step {fd.get(2, float('nan')):.2f} "
+          f"(teacher {res['teacher_fd_35nfe']:.2f}); {res['train_seconds']:.0f} s", flush=True)
+    return dest
+
+
+def _ms(vals: list[float]) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def summary() -> str:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for f in sorted(OUT.glob("*.json")):
+        r = json.loads(f.read_text())
+        by.setdefault(r["recipe"], []).append(r)
+    lines = ["| recipe | seeds | teacher FD (35 NFE) | 1-step FD | 2-step FD | 1-step / teacher | 2-step / teacher | "
+             "t_mid | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in sorted(by.items()):
+        fd = {k: [next(q["fd"] for q in r["quality"] if q["steps"] == k) for r in rs] for k in (1, 2)}
+        ratio = {k: [v / r["teacher_fd_35nfe"] for v, r in zip(fd[k], rs, strict=True)] for k in (1, 2)}
+        lines.append(f"| {name} | {len(rs)} | {_ms([r['teacher_fd_35nfe'] for r in rs])} | {_ms(fd[1])} | "
+                     f"{_ms(fd[2])} | {_ms(ratio[1])} | {_ms(ratio[2])} | "
+                     f"{', '.join(format(r['times']['2'][1], '.2f') for r in rs)} | "
+                     f"{_ms([r['train_seconds'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, default=ROOT / "runs" / "bundle-teacher")
+    p.add_argument("--recipes", default="scd-noaw")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--summary", action="store_true")
+    a = p.parse_args()
+    if a.summary:
+        print(summary())
+        return 0
+    for name in a.recipes.split(","):
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    for seed in [int(s) for s in a.seeds.split(",")]:
+        for name in a.recipes.split(","):
+            run_one(name, seed, a.teacher.resolve(), a.steps, a.n)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
