@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "students"
 RUNS = ROOT / "runs" / "students"
+DEFAULT_STEPS = 2000  # runs of other lengths are labelled <recipe>@<steps>
 CURVE_POINTS = 5  # quality checkpoints per run (every steps/5): the quality-vs-steps and -wall-time curves
 T_MID_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 
@@ -199,7 +200,8 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     from quickstep.train.data import gmm_preset
     from quickstep.train.loop import Trainer
 
-    dest = OUT / mixture_name / f"{name}-s{seed}.json"
+    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"  # runs of another length are another recipe
+    dest = OUT / mixture_name / f"{label}-s{seed}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
         return dest
@@ -210,7 +212,7 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
         sets = [*sets, f"init_from=\"{tdir}\""]
     teacher = None if teacher_kind is None else (str(tdir) if teacher_kind == "trained" else f"gmm:{mixture_name}")
     cfg = _config(preset, mixture_name, seed, steps, sets)
-    out = RUNS / mixture_name / f"{name}-s{seed}"
+    out = RUNS / mixture_name / f"{label}-s{seed}"
     done = out / f"step-{steps:07d}"
     if (done / "config.json").exists() and (out / "wall_seconds.txt").exists():
         wall = float((out / "wall_seconds.txt").read_text())  # trained already: evaluate only
@@ -232,7 +234,7 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
              if k.startswith("map_err")}} for r in log]
     model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval()
     quality_curve = checkpoint_curve(out, log, mixture, n // 2)
-    res = {"mixture": mixture_name, "recipe": name, "seed": seed, "steps": steps, "preset": preset,
+    res = {"mixture": mixture_name, "recipe": label, "seed": seed, "steps": steps, "preset": preset,
            "teacher": teacher_kind, "init_from_teacher": init, "overrides": sets[: len(sets) - int(init)],
            "train_seconds": wall, "teacher_eval": evaluate_teacher(tdir, mixture, n),
            **evaluate_student(model, mixture, n), "curve": curve, "quality_curve": quality_curve,
@@ -381,7 +383,7 @@ def main() -> int:
     p.add_argument("--mixture", default="ring8")
     p.add_argument("--recipes", default="scd")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--n", type=int, default=8000)
     p.add_argument("--summary", action="store_true")
