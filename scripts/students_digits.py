@@ -5,7 +5,8 @@ scored by FD (digits classifier features, train split) at 1 and 2 steps against 
     python scripts/students_digits.py --summary
 
 Each run is the real CLI a user runs -- `quickstep-train fit --preset digits-scd --teacher T ...` and then
-`quickstep-train eval --ckpt RUN --n N --sweep-t-mid` -- and writes docs/results/students/digits/<recipe>-s<seed>.json
+`quickstep-train eval --ckpt RUN --n N --sweep-t-mid --record-times` (the chosen 2-step times go into the
+checkpoint, ready for `quickstep-export`) -- and writes docs/results/students/digits/<recipe>-s<seed>.json
 (the eval report's quality rows, the t_mid sweep, the training wall time). Finished runs are skipped and a run
 directory with a final checkpoint is only evaluated, so the script resumes after an interruption.
 """
@@ -44,7 +45,7 @@ def _cli(*args: str) -> None:
 def _eval(ckpt: Path, out: Path, n: int, steps: str, sweep: bool) -> dict[str, Any]:
     if not (out / "report.json").exists():
         _cli("eval", "--ckpt", str(ckpt), "--n", str(n), "--steps", steps, "--out", str(out), "--no-progress",
-             *(["--sweep-t-mid"] if sweep else []))
+             *(["--sweep-t-mid", "--record-times"] if sweep else []))
     return json.loads((out / "report.json").read_text())
 
 
