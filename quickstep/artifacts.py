@@ -8,7 +8,10 @@ numpy; never torch).  It owns
 - `CheckpointMeta`, the `config.json` of a checkpoint: written by the trainer, read by export and eval;
 - `BundleManifest`, the `manifest.json` of a bundle: written and extended by export, read by serve and eval;
 - `sha256_file`, the TensorRT plan tag (`plan_tag`) and the noise convention (`draw_noise`, `draw_labels`);
-- `Runner`, the run interface of a loaded generator (`run(steps, noises, labels) -> uint8 NHWC images`).
+- `Runner`, the run interface of a loaded generator (`run(steps, noises, labels) -> uint8 NHWC images`), and the two
+  entry-point groups through which one stage reaches another's code without importing it: `quickstep.runners`
+  (`open_runner`: export's report runs the serve backends) and `quickstep.generators` (`load_generators`: the serve
+  torch backend runs train.core's generator modules).
 
 No artefact records a path of the machine that made it: the teacher is its sha256 and a relative reference.
 """
@@ -134,22 +137,43 @@ class Runner(Protocol):
 
 
 RUNNERS = "quickstep.runners"  # entry-point group: backend name -> factory(bundle_dir, backend, device, max_batch)
+GENERATORS = "quickstep.generators"  # entry-point group: framework -> factory(bundle_dir, manifest, **layout)
+
+
+def find_entry_point(group: str, name: str, hint: str) -> Any:
+    """The object that entry point `name` of `group` names (loaded), or an ArtifactError listing what is installed
+    and `hint` (which extra provides it).  How one stage reaches another's code without importing it."""
+    from importlib.metadata import distributions
+
+    # every distribution's entry points, not the name-deduplicated `entry_points()`: a stale quickstep.egg-info
+    # in the working directory of a source checkout must not hide the installed metadata
+    found = {e.name: e for d in distributions() for e in d.entry_points if e.group == group}
+    if name not in found:
+        raise ArtifactError(f"no {group!r} entry point {name!r} is installed (installed: {sorted(found) or 'none'}); "
+                            f"{hint}")
+    return found[name].load()
 
 
 def open_runner(bundle_dir: str | Path, backend: str, *, device: str = "cpu", max_batch: int = 64) -> Runner:
     """A loaded `Runner` of a bundle on `backend`, from the package that registered that backend under the
     `quickstep.runners` entry-point group (the serve extra registers onnxruntime, tensorrt, torch and aoti), so a
     stage that measures served generators (export's report) does not import the server."""
-    from importlib.metadata import distributions
+    factory = find_entry_point(RUNNERS, backend, "the serve extra provides onnxruntime, tensorrt, torch and aoti: "
+                                                 "pip install 'quickstep[serve]'")
+    return factory(bundle_dir, backend, device=device, max_batch=max_batch)
 
-    # every distribution's entry points, not the name-deduplicated `entry_points()`: a stale quickstep.egg-info
-    # in the working directory of a source checkout must not hide the installed metadata
-    found = {e.name: e for d in distributions() for e in d.entry_points if e.group == RUNNERS}
-    if backend not in found:
-        raise ArtifactError(f"no runner is installed for backend {backend!r} (installed: {sorted(found) or 'none'}); "
-                            "the serve extra provides onnxruntime, tensorrt, torch and aoti: "
-                            "pip install 'quickstep[serve]'")
-    return found[backend].load()(bundle_dir, backend, device=device, max_batch=max_batch)
+
+def load_generators(bundle_dir: str | Path, manifest: BundleManifest, framework: str = "torch", *,
+                    device: str = "cpu", dtype: str = "float32", channels_last: bool = False) -> dict[int, Any]:
+    """The whole-sampler generator module of every step count of a bundle, built from its weights by the package
+    that registered `framework` under the `quickstep.generators` entry-point group (train.core registers `torch`:
+    `quickstep.train.core.generator.bundle_generators`), so the server's torch backend runs train.core's samplers
+    without importing train.  `dtype` / `channels_last` lay the network out for fast inference.  ArtifactError
+    when no such factory is installed or the bundle's weights cannot be loaded."""
+    factory = find_entry_point(GENERATORS, framework, "quickstep itself registers 'torch' "
+                                                      "(quickstep.train.core.generator:bundle_generators); "
+                                                      "reinstall quickstep (pip install -e .)")
+    return factory(bundle_dir, manifest, device=device, dtype=dtype, channels_last=channels_last)
 
 
 def relative_ref(path: str | Path, base: str | Path | None = None) -> str | None:
@@ -541,6 +565,12 @@ class BundleManifest(_Model):
     def times_by_steps(self) -> dict[int, list[float]]:
         return {int(k): list(v) for k, v in self.times.items()}
 
+    def consistency_times(self, steps: int) -> list[float] | None:
+        """The sampler times a consistency bundle records for `steps` (baked into its graphs); None for a diffusion
+        bundle or when none are recorded (the generator then uses its default 1-/2-step times)."""
+        ts = self.times.get(str(steps)) if self.kind == "consistency" else None
+        return None if ts is None else list(ts)
+
     @classmethod
     def from_json(cls, raw: Any, where: str = MANIFEST) -> BundleManifest:
         """Validate (after migrating an older format) a parsed manifest.json; BundleError naming the problem."""
@@ -632,8 +662,9 @@ def _validate(cls, data: Mapping[str, Any], where: str, error: type[ArtifactErro
 
 
 __all__ = [
-    "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "KINDS", "MANIFEST",
+    "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "GENERATORS", "KINDS",
+    "MANIFEST", "RUNNERS",
     "AotiSection", "ArtifactError", "BundleError", "DataSource", "ExternalData", "BundleManifest", "CheckpointMeta", "DataSpec", "FileEntry", "GraphEntry",
     "Quality", "QualityEntry", "QualityTeacher", "Runner", "SamplerSpec", "TeacherRef", "TensorSpec", "balanced_labels", "draw_labels",
-    "draw_noise", "migrate_checkpoint", "migrate_manifest", "nfe", "open_runner", "plan_tag", "relative_ref", "sha256_file",
+    "draw_noise", "find_entry_point", "load_generators", "migrate_checkpoint", "migrate_manifest", "nfe", "open_runner", "plan_tag", "relative_ref", "sha256_file",
 ]

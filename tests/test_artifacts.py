@@ -15,6 +15,8 @@ import pytest
 from quickstep.artifacts import (
     BUNDLE_FORMAT_VERSION,
     CHECKPOINT_FORMAT_VERSION,
+    GENERATORS,
+    RUNNERS,
     ArtifactError,
     BundleError,
     BundleManifest,
@@ -22,6 +24,7 @@ from quickstep.artifacts import (
     TeacherRef,
     draw_labels,
     draw_noise,
+    find_entry_point,
     migrate_checkpoint,
     migrate_manifest,
     plan_tag,
@@ -135,3 +138,15 @@ def test_draw_noise_is_the_documented_convention():
 
 def test_plan_tag():
     assert plan_tag("NVIDIA A100-SXM4-80GB", "10.13.3") == "NVIDIA_A100_SXM4_80GB.trt10.13.3"
+
+
+def test_stages_reach_each_other_through_entry_points():
+    """export runs the serve backends (quickstep.runners) and serve runs train.core's generator modules
+    (quickstep.generators) without importing each other; an absent entry point names what is installed."""
+    from quickstep.serve.backends.base import open_runner
+    from quickstep.train.core.generator import bundle_generators
+
+    assert find_entry_point(GENERATORS, "torch", "") is bundle_generators
+    assert all(find_entry_point(RUNNERS, b, "") is open_runner for b in ("onnxruntime", "tensorrt", "torch", "aoti"))
+    with pytest.raises(ArtifactError, match=r"'jax'.*installed: \['torch'\].*the hint"):
+        find_entry_point(GENERATORS, "jax", "the hint")

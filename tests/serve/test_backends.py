@@ -36,6 +36,27 @@ def test_torch_matches_onnxruntime(request, fixture):
         assert a.std() > 0  # not a constant image
 
 
+def test_torch_backend_runs_train_core_generators_through_the_entry_point():
+    """serve imports nothing of train: its torch backend gets train.core's generator modules through the
+    quickstep.generators entry point, and they give the pixels train.core's own modules give (bundled model)."""
+    import torch
+    from quickstep.serve.bundle import bundled_default
+    from quickstep.train.core.checkpoint import load_model
+    from quickstep.train.core.generator import generator_module
+
+    b = load_bundle(bundled_default())
+    pt = create_backend(b, ServeSettings(backend="torch", device="cpu", max_batch=4))
+    pt.load()
+    model = load_model(b.path)
+    for steps in b.steps_supported:
+        nn = len(b.graphs[steps].noise_inputs)
+        noises, labels = draw_noise(5, 3, b.image_shape, nn), np.array([7, 0, 3], np.int64)
+        with torch.inference_mode():
+            ref = generator_module(model, b.kind, steps, ts=b.times[steps])(
+                *[torch.from_numpy(x) for x in noises], torch.from_numpy(labels)).numpy()
+        assert np.array_equal(pt.run(steps, noises, labels), ref), steps
+
+
 def test_noise_convention():
     """Image k of seed s: default_rng([s, k]) standard_normal (C,H,W) float32, second draw = noise2."""
     n1, n2 = draw_noise(7, 3, (1, 4, 4), 2)

@@ -8,9 +8,12 @@ computes the same function of the same inputs.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from quickstep.artifacts import ArtifactError, BundleManifest
 
 from .model import TrigFlowModel
 from .sampling import sample_consistency
@@ -104,3 +107,23 @@ def generator_module(model: TrigFlowModel, kind: str, steps: int, ts: list[float
     if kind == "diffusion":
         return HeunGenerator(model, num_steps=steps)
     raise ValueError(f"kind must be 'consistency' or 'diffusion', got {kind!r}")
+
+
+def bundle_generators(bundle_dir: str | Path, manifest: BundleManifest, *, device: str = "cpu",
+                      dtype: str = "float32", channels_last: bool = False) -> dict[int, nn.Module]:
+    """{steps: whole-sampler module} for every step count a bundle supports, over its torch weights (the EMA
+    weights of its config.json + model.safetensors) on `device`, at the consistency times the manifest records:
+    what the server's torch backend runs (and may compile).  `dtype` / `channels_last` lay the network out with
+    `inference_copy`.  The `torch` entry of the `quickstep.generators` entry-point group
+    (`quickstep.artifacts.load_generators`), so the server reaches train.core without importing it; a checkpoint
+    problem is raised as an ArtifactError."""
+    from .checkpoint import CheckpointError, load_model
+
+    try:
+        model = load_model(bundle_dir, map_location=device)
+    except CheckpointError as e:
+        raise ArtifactError(str(e)) from e
+    if dtype != "float32" or channels_last:
+        model = inference_copy(model, channels_last=channels_last, dtype=dtype)
+    return {s: generator_module(model, manifest.kind, s, ts=manifest.consistency_times(s)).eval()
+            for s in manifest.steps_supported}
