@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from quickstep.artifacts import AotiSection
+from quickstep.artifacts import AotiSection, ParityEntry
 
 from .bundle import BundleError, bundle_graph_specs, bundle_model, read_manifest, refresh_files
 from .onnx import EXAMPLE_BATCH, ExportError, ExportGraph, ParityError, example_inputs, parity_check
@@ -72,7 +72,7 @@ def load_aoti(path: str | Path):
 
 
 def aoti_parity(spec: ExportGraph, path: str | Path, batches: Sequence[int], *, num_classes: int,
-                device: str = "cpu", tol: float | None = None) -> dict[str, Any]:
+                device: str = "cpu", tol: float | None = None) -> ParityEntry:
     """AOTInductor package vs eager torch at each batch size (uint8 levels)."""
     runner = load_aoti(path)
 
@@ -110,15 +110,15 @@ def export_aoti_bundle(bundle: str | Path, *, device: str = "cpu", steps: Sequen
         try:
             timing = compile_aoti(spec, tmp, num_classes=model.num_classes, device=device, max_batch=max_batch)
             entry = aoti_parity(spec, tmp, parity_batches, num_classes=model.num_classes, device=device)
-            entry.update(timing)
-            if not entry["passed"]:
-                raise ParityError(f"AOTInductor parity failed for {filename}: {entry}; package not added")
+            entry = entry.with_extra(**timing)
+            if not entry.passed:
+                raise ParityError(f"AOTInductor parity failed for {filename}: {entry.summary()}; package not added")
             tmp.replace(bundle / filename)
         finally:
             tmp.unlink(missing_ok=True)
         manifest.graphs[spec.key].aoti = filename
-        manifest.parity.setdefault("aoti", {})[spec.key] = entry
-        results[spec.key] = {"file": filename, **entry}
+        manifest.parity.record("aoti", spec.key, entry)
+        results[spec.key] = {"file": filename, **entry.to_json()}
     manifest.aoti = AotiSection(device=device, max_batch=int(max_batch), torch_version=torch.__version__)
     refresh_files(bundle, manifest)
     return results

@@ -30,6 +30,9 @@ from quickstep.artifacts import (
     BundleManifest,
     CheckpointMeta,
     FileEntry,
+    Parity,
+    ParityEntry,
+    SamplerSpec,
     TorchFiles,
     sha256_file,
 )
@@ -92,17 +95,17 @@ def refresh_files(bundle: str | Path, manifest: BundleManifest) -> BundleManifes
 
 # ----------------------------------------------------------------------------------------------- export
 def _graph_specs(model, kind: str, steps: Sequence[int], heun_steps: Sequence[int],
-                 times: dict[str, list[float]]) -> list[ExportGraph]:
+                 sampler: SamplerSpec | None) -> list[ExportGraph]:
     """The generator graphs; consistency graphs bake in the sampler times the checkpoint records (if any)."""
     if kind == "consistency":
-        return [consistency_graph(model, s, ts=times.get(str(s))) for s in check_consistency_steps(steps)]
+        return [consistency_graph(model, s, ts=sampler.times_for(s) if sampler is not None else None)
+                for s in check_consistency_steps(steps)]
     return [heun_graph(model, n) for n in check_heun_steps(heun_steps)]
 
 
-def _parity_message(spec: ExportGraph, entry: dict) -> str:
-    errs = ", ".join(f"{k[len('max_abs_err_'):]}={v:g}" for k, v in entry.items() if k.startswith("max_abs_err_"))
-    return (f"parity check failed for {spec.filename}: onnxruntime vs torch max error {errs} ({entry['units']}) "
-            f"exceeds tolerance {entry['tolerance']:g}; bundle not written")
+def _parity_message(spec: ExportGraph, entry: ParityEntry) -> str:
+    return (f"parity check failed for {spec.filename}: onnxruntime vs torch max error {entry.errors_text()} "
+            f"({entry.units}) exceeds tolerance {entry.tolerance:g}; bundle not written")
 
 
 def export_bundle(
@@ -136,7 +139,7 @@ def export_bundle(
         raise ExportError(f"cannot export {str(ckpt_dir)!r}: {e}") from e
     require_image_model(model)
     kind = check_kind(kind, meta)
-    specs = _graph_specs(model, kind, steps, heun_steps, meta.sampler.times if meta.kind == kind else {})
+    specs = _graph_specs(model, kind, steps, heun_steps, meta.sampler if meta.kind == kind else None)
     precision = "fp16" if fp16 else "fp32"
     num_classes = model.num_classes
     batches = [int(b) for b in parity_batches]
@@ -144,7 +147,7 @@ def export_bundle(
         raise ExportError(f"parity batches must be positive integers, got {list(parity_batches)}")
     name = name or meta.name or ckpt_dir.resolve().name
     timings: dict[str, float] = {}
-    parity: dict = {"onnxruntime": {}}
+    parity = Parity(onnxruntime={})
 
     def write(tmp: Path) -> None:
         for spec in [*specs, denoiser_graph(model)]:
@@ -153,8 +156,8 @@ def export_bundle(
             tol = denoiser_tolerance if spec.kind == "denoiser" else tolerance
             entry = onnx_parity(spec, tmp / spec.filename, batches, num_classes=num_classes,
                                 precision=precision, tol=tol)
-            parity["onnxruntime"][spec.key] = entry
-            if not entry["passed"]:
+            parity.record("onnxruntime", spec.key, entry)
+            if not entry.passed:
                 raise ParityError(_parity_message(spec, entry))
         shared = share_weights([tmp / spec.filename for spec in [*specs, denoiser_graph(model)]])
         write_ema_weights(ckpt_dir, tmp / WEIGHTS)
@@ -178,7 +181,7 @@ def write_ema_weights(ckpt_dir: Path, dest: Path) -> None:
 
 
 def build_manifest(model, meta: CheckpointMeta, *, kind: str, name: str, specs: Sequence[ExportGraph], opset: int,
-                   precision: str, parity: dict, timings: dict[str, float]) -> BundleManifest:
+                   precision: str, parity: Parity, timings: dict[str, float]) -> BundleManifest:
     """The manifest (docs/bundle.md) without its `files` table: the graphs, the sampler times, the checkpoint's
     teacher reference and class names."""
     from quickstep.train.core.trigflow import sigma_to_t
@@ -224,5 +227,5 @@ def bundle_graph_specs(bundle: str | Path, manifest: BundleManifest, model=None)
     model = model if model is not None else bundle_model(bundle)
     keys = sorted(manifest.graphs, key=int)
     if manifest.kind == "consistency":
-        return [consistency_graph(model, int(k), ts=manifest.times.get(k)) for k in keys]
+        return [consistency_graph(model, int(k), ts=manifest.consistency_times(int(k))) for k in keys]
     return [heun_graph(model, int(k)) for k in keys]

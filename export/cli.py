@@ -90,9 +90,8 @@ def onnx(
     path, m, seconds = _run(go)
     typer.echo(f"wrote {m.kind} bundle {m.name!r} to {path} in {seconds:.1f} s "
                f"(steps {m.steps_supported}, opset {m.opset}, {m.precision})")
-    for key, e in m.parity["onnxruntime"].items():
-        errs = ", ".join(f"{k[12:]}={v:g}" for k, v in e.items() if k.startswith("max_abs_err_"))
-        typer.echo(f"  parity onnxruntime[{key}]: {errs} {e['units']} (tolerance {e['tolerance']:g})")
+    for key, e in (m.parity.onnxruntime or {}).items():
+        typer.echo(f"  parity onnxruntime[{key}]: {e.errors_text()} {e.units} (tolerance {e.tolerance:g})")
     for f, meta in m.files.items():
         typer.echo(f"  {f}: {(meta.bytes or 0) / 1e6:.2f} MB")
 

@@ -33,7 +33,7 @@ from quickstep.train.core.model import TrigFlowModel
 from quickstep.train.core.networks import UNetConfig
 from torch import nn
 
-from quickstep.artifacts import GraphEntry, TensorSpec
+from quickstep.artifacts import GraphEntry, ParityEntry, TensorSpec
 
 SUPPORTED_OPSETS: tuple[int, ...] = (17, 18, 19, 20, 21)
 CONSISTENCY_STEPS: tuple[int, ...] = (1, 2)
@@ -339,22 +339,24 @@ def tolerance(spec: ExportGraph, precision: str) -> float:
 def parity_check(
     spec: ExportGraph, run, batches: Sequence[int], *, num_classes: int, precision: str = "fp32",
     tol: float | None = None, seed: int = 0, device: str = "cpu",
-) -> dict[str, Any]:
+) -> ParityEntry:
     """Compare `run(feeds) -> ndarray` with the eager torch module at each batch size; a manifest parity entry."""
     tol = tolerance(spec, precision) if tol is None else float(tol)
-    entry: dict[str, Any] = {"units": "uint8 levels" if spec.kind == "generator" else "relative max abs"}
-    worst = 0.0
+    errs = {}
     for b in batches:
         feeds = example_inputs(spec, int(b), num_classes, seed=seed)
-        err = max_error(spec, np.asarray(run(feeds)), run_torch(spec, feeds, device))
-        entry[f"max_abs_err_b{b}"] = err
-        worst = max(worst, err)
-    entry.update(tolerance=tol, passed=bool(worst <= tol))
-    return entry
+        errs[int(b)] = max_error(spec, np.asarray(run(feeds)), run_torch(spec, feeds, device))
+    return ParityEntry(units=parity_units(spec), max_abs_err=errs, tolerance=tol,
+                       passed=bool(max(errs.values(), default=0.0) <= tol))
+
+
+def parity_units(spec: ExportGraph) -> str:
+    """What a parity error of `spec` counts: grey levels of a uint8 generator, relative error of the denoiser."""
+    return "uint8 levels" if spec.kind == "generator" else "relative max abs"
 
 
 def onnx_parity(spec: ExportGraph, path: str | Path, batches: Sequence[int], *, num_classes: int,
-                precision: str = "fp32", tol: float | None = None) -> dict[str, Any]:
+                precision: str = "fp32", tol: float | None = None) -> ParityEntry:
     """onnxruntime (CPU) vs eager torch at each batch size."""
     sess = ort_session(path, threads=1)  # parity batches are small; one thread avoids oversubscription
     return parity_check(spec, lambda feeds: sess.run(None, feeds)[0], batches, num_classes=num_classes,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from quickstep.artifacts import plan_tag
+from quickstep.artifacts import ParityEntry, TensorRTBuild, plan_tag
 
 from .bundle import bundle_graph_specs, bundle_model, read_manifest, refresh_files
 from .onnx import (
@@ -36,6 +36,7 @@ from .onnx import (
     example_inputs,
     max_error,
     ort_session,
+    parity_units,
 )
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 8, 32)
@@ -182,19 +183,15 @@ class TensorRTRunner:
 
 
 def tensorrt_parity(spec: ExportGraph, onnx_path: Path, runner: TensorRTRunner, batches: Sequence[int], *,
-                    num_classes: int, tol: float) -> dict[str, Any]:
+                    num_classes: int, tol: float) -> ParityEntry:
     """TensorRT vs onnxruntime (CPU) on the same random inputs at each batch size."""
     sess = ort_session(onnx_path)
-    entry: dict[str, Any] = {"units": "uint8 levels" if spec.kind == "generator" else "relative max abs",
-                             "reference": "onnxruntime"}
-    worst = 0.0
+    errs = {}
     for b in batches:
         feeds = example_inputs(spec, int(b), num_classes)
-        err = max_error(spec, runner(feeds), sess.run(None, feeds)[0])
-        entry[f"max_abs_err_b{b}"] = err
-        worst = max(worst, err)
-    entry.update(tolerance=tol, passed=bool(worst <= tol))
-    return entry
+        errs[int(b)] = max_error(spec, runner(feeds), sess.run(None, feeds)[0])
+    return ParityEntry(units=parity_units(spec), reference="onnxruntime", max_abs_err=errs, tolerance=tol,
+                       passed=bool(max(errs.values(), default=0.0) <= tol))
 
 
 def export_tensorrt_bundle(bundle: str | Path, *, batches: Sequence[int] = DEFAULT_BUCKETS,
@@ -221,19 +218,18 @@ def export_tensorrt_bundle(bundle: str | Path, *, batches: Sequence[int] = DEFAU
         build_s = time.perf_counter() - t0
         entry = tensorrt_parity(spec, onnx_path, TensorRTRunner(trt, plan, buckets), parity_batches,
                                 num_classes=model.num_classes, tol=tol)
-        entry["build_s"] = round(build_s, 3)
-        if not entry["passed"]:
-            raise ParityError(f"TensorRT parity failed for {onnx_path.name}: {entry}; plan not added")
+        entry = entry.with_extra(build_s=round(build_s, 3))
+        if not entry.passed:
+            raise ParityError(f"TensorRT parity failed for {onnx_path.name}: {entry.summary()}; plan not added")
         filename = f"{Path(spec.filename).stem}.{tag}.plan"
         tmp = bundle / f".{filename}.tmp"
         tmp.write_bytes(plan)
         os.replace(tmp, bundle / filename)
         graph.tensorrt = filename  # the latest build; every GPU/TensorRT build stays in tensorrt_plans
         graph.tensorrt_plans[tag] = filename
-        manifest.parity.setdefault("tensorrt", {}).setdefault(tag, {})[spec.key] = entry
-        results[spec.key] = {"file": filename, "bytes": len(plan), **entry}
-    manifest.tensorrt = manifest.tensorrt or {}
-    manifest.tensorrt[tag] = {"trt_version": trt.__version__, "batch_buckets": list(buckets),
-                                                 "strongly_typed": True, "precision": precision}
+        manifest.parity.record("tensorrt", spec.key, entry, tag=tag)
+        results[spec.key] = {"file": filename, "bytes": len(plan), **entry.to_json()}
+    manifest.tensorrt = {**(manifest.tensorrt or {}), tag: TensorRTBuild(
+        trt_version=trt.__version__, batch_buckets=list(buckets), strongly_typed=True, precision=precision)}
     refresh_files(bundle, manifest)
     return results

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from quickstep.artifacts import MANIFEST, BundleError, BundleManifest, sha256_file
+from quickstep.artifacts import MANIFEST, BundleError, BundleManifest, ParityEntry, sha256_file
 
 from .bundle import bundle_graph_specs, bundle_model, read_manifest
 from .onnx import ParityError, denoiser_graph, onnx_parity
@@ -21,7 +20,7 @@ class VerifyReport:
     bundle: Path
     checked: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    parity: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, dict[str, ParityEntry]] = field(default_factory=dict)  # backend -> graph key -> entry
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -39,9 +38,8 @@ class VerifyReport:
         lines += [f"  FAIL {f}" for f in self.failures]
         for backend, graphs in self.parity.items():
             for key, e in graphs.items():
-                errs = ", ".join(f"{k[12:]}={v:g}" for k, v in e.items() if k.startswith("max_abs_err_"))
-                lines.append(f"  parity {backend}[{key}]: {errs} (tol {e['tolerance']:g}) "
-                             f"{'ok' if e['passed'] else 'FAIL'}")
+                lines.append(f"  parity {backend}[{key}]: {e.errors_text()} (tol {e.tolerance:g}) "
+                             f"{'ok' if e.passed else 'FAIL'}")
         lines += [f"  skipped {s}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -78,14 +76,14 @@ def check_parity(bundle: Path, manifest: BundleManifest, report: VerifyReport, b
     specs = bundle_graph_specs(bundle, manifest, model)
     if manifest.denoiser is not None and manifest.denoiser.onnx:
         specs.append(denoiser_graph(model))
-    ort_results: dict[str, Any] = {}
+    ort_results: dict[str, ParityEntry] = {}
     for spec in specs:
         tol = manifest.parity_tolerance("onnxruntime", spec.key)
         entry = onnx_parity(spec, bundle / spec.filename, batches, num_classes=model.num_classes,
                             precision=manifest.precision, tol=tol)
         ort_results[spec.key] = entry
-        if not entry["passed"]:
-            report.failures.append(f"{spec.filename}: onnxruntime parity failed ({entry})")
+        if not entry.passed:
+            report.failures.append(f"{spec.filename}: onnxruntime parity failed ({entry.summary()})")
     report.parity["onnxruntime"] = ort_results
     aoti_graphs = {k: g.aoti for k, g in manifest.graphs.items() if g.aoti}
     if aoti_graphs:
@@ -105,8 +103,8 @@ def check_parity(bundle: Path, manifest: BundleManifest, report: VerifyReport, b
             entry = aoti_parity(spec, bundle / aoti_graphs[spec.key], batches, num_classes=model.num_classes,
                                 device=device)
             report.parity["aoti"][spec.key] = entry
-            if not entry["passed"]:
-                report.failures.append(f"{aoti_graphs[spec.key]}: AOTInductor parity failed ({entry})")
+            if not entry.passed:
+                report.failures.append(f"{aoti_graphs[spec.key]}: AOTInductor parity failed ({entry.summary()})")
     if any(g.tensorrt for g in manifest.graphs.values()):
         report.skipped.append("tensorrt parity (run `quickstep-export tensorrt` on the target GPU to re-check)")
 

@@ -33,8 +33,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -265,6 +267,11 @@ class SamplerSpec(_Model):
                 raise ValueError(f"times[{k!r}] = {list(ts)} must hold {k} decreasing times in (0, pi/2)")
         return v
 
+    def times_for(self, steps: int) -> list[float] | None:
+        """The recorded consistency times of `steps`, None when none are recorded (the sampler's default)."""
+        ts = self.times.get(str(steps))
+        return None if ts is None else list(ts)
+
 
 def sampler_for(kind: str) -> str:
     return "consistency" if kind == "consistency" else "heun"
@@ -400,6 +407,10 @@ class GraphEntry(_Model):
     def has_labels(self) -> bool:
         return any(i.name == "class_labels" for i in self.inputs)
 
+    def plan(self, tag: str) -> str | None:
+        """The TensorRT plan file built for `tag` (plan_tag: GPU model and TensorRT version), None when absent."""
+        return self.tensorrt_plans.get(tag)
+
     def io_dict(self) -> dict[str, Any]:
         return {"inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.outputs]}
 
@@ -435,11 +446,36 @@ class QualityEntry(QualityMetrics):
     throughput_img_s: dict[str, float] = Field(default_factory=dict)
     device: str | None = None  # what it was measured on, e.g. 'onnxruntime (CPUExecutionProvider)'
 
+    def latency_at(self, batch: int) -> float | None:
+        """Median latency in ms of one call at batch size `batch`, None when not measured."""
+        return self.latency_ms.get(str(batch))
+
 
 class QualityTeacher(QualityMetrics):
     """The teacher row of the report: its quality at its NFE and a relative reference to its checkpoint."""
 
     checkpoint: RelativeRef = None
+
+
+class QualityTolerance(_Model):
+    """How the report decided `flagged`: |FD - FD_torch| > max(relative * FD_torch, seed_spread[steps], floor)."""
+
+    relative: float | None = None
+    floor: float | None = None
+    seed_spread: dict[str, float] | None = None  # steps -> range of the torch FD over spread_runs seeds
+    spread_runs: int | None = None
+    torch_fd_by_seed: dict[str, list[float]] | None = None  # steps -> torch FD of each seed
+    rule: str | None = None
+
+
+class QualityFlag(_Model):
+    """One flagged backend x steps of the report: its FD against the torch reference and the allowed margin."""
+
+    backend: str
+    steps: int
+    fd: float
+    fd_torch: float
+    fd_margin: float
 
 
 class Quality(_Model):
@@ -453,14 +489,101 @@ class Quality(_Model):
     feature_net: str | None = None
     hardware: str | None = None
     reference_backend: str | None = None
-    tolerance: dict[str, Any] = Field(default_factory=dict)
+    tolerance: QualityTolerance = Field(default_factory=QualityTolerance)
     backends: dict[str, dict[str, QualityEntry]] = Field(default_factory=dict)  # backend -> steps -> entry
     teacher: QualityTeacher | None = None
-    flagged: list[dict[str, Any]] = Field(default_factory=list)
+    flagged: list[QualityFlag] = Field(default_factory=list)
+
+    def entries(self, backend: str) -> dict[str, QualityEntry]:
+        """steps -> entry of `backend` (empty when the report did not measure it)."""
+        return dict(self.backends.get(backend) or {})
 
     def flags(self, backend: str) -> list[tuple[str, QualityEntry]]:
         """(steps, entry) of every flagged entry of `backend`, by steps."""
-        return [(k, e) for k, e in sorted((self.backends.get(backend) or {}).items()) if e.flagged]
+        return [(k, e) for k, e in sorted(self.entries(backend).items()) if e.flagged]
+
+
+_MAX_ABS_ERR = re.compile(r"^max_abs_err_b(\d+)$")
+
+
+class ParityEntry(_Model):
+    """One graph's parity gate (export): the largest |exported - torch| at each batch size (`max_abs_err_b{N}` in
+    the JSON), in `units` ('uint8 levels' for generators, 'relative max abs' for the denoiser), and whether it
+    stayed within `tolerance`.  Extra keys (AOTInductor compile timings, TensorRT build_s) are kept."""
+
+    units: str
+    reference: str | None = None  # what it was compared with when not eager torch (TensorRT: onnxruntime)
+    max_abs_err: dict[int, float] = Field(default_factory=dict)  # batch size -> error
+    tolerance: float
+    passed: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_errors(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_abs_err" not in data:
+            errs = {int(m.group(1)): v for k, v in data.items() if (m := _MAX_ABS_ERR.match(str(k)))}
+            data = {k: v for k, v in data.items() if not _MAX_ABS_ERR.match(str(k))} | {"max_abs_err": errs}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flat_errors(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The JSON keeps one `max_abs_err_b{N}` key per batch size, where the errors dict sits."""
+        out: dict[str, Any] = {}
+        for k, v in handler(self).items():
+            if k == "max_abs_err":
+                out.update({f"max_abs_err_b{b}": e for b, e in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_err.values(), default=0.0)
+
+    def errors_text(self) -> str:
+        """'b1=0, b7=0.5': the error at each batch size."""
+        return ", ".join(f"b{b}={e:g}" for b, e in self.max_abs_err.items())
+
+    def summary(self) -> str:
+        """'b1=0, b7=2 uint8 levels, tolerance 1: failed' (an error of inf - wrong output shape - stays inf)."""
+        return f"{self.errors_text()} {self.units}, tolerance {self.tolerance:g}: {'passed' if self.passed else 'failed'}"
+
+    def with_extra(self, **extra: Any) -> ParityEntry:
+        """This entry with more recorded keys (timings)."""
+        return ParityEntry.model_validate({**self.to_json(), **extra})
+
+
+class Parity(_Model):
+    """The manifest's `parity` section: backend -> graph key ('1', '2', 'denoiser') -> the gate's entry; TensorRT
+    per plan tag (plans are tied to one GPU model and TensorRT version)."""
+
+    onnxruntime: dict[str, ParityEntry] | None = None
+    aoti: dict[str, ParityEntry] | None = None
+    tensorrt: dict[str, dict[str, ParityEntry]] | None = None  # plan_tag -> graph key -> entry
+
+    def entry(self, backend: Literal["onnxruntime", "aoti"], key: str) -> ParityEntry | None:
+        return (getattr(self, backend) or {}).get(key)
+
+    def record(self, backend: Literal["onnxruntime", "aoti", "tensorrt"], key: str, entry: ParityEntry,
+               tag: str | None = None) -> None:
+        """Store the gate's entry of graph `key` (TensorRT: under its plan `tag`)."""
+        if backend == "tensorrt":
+            if tag is None:
+                raise ValueError("a TensorRT parity entry needs the plan tag")
+            plans = dict(self.tensorrt or {})
+            plans[tag] = {**plans.get(tag, {}), key: entry}
+            self.tensorrt = plans
+        else:
+            setattr(self, backend, {**(getattr(self, backend) or {}), key: entry})
+
+
+class TensorRTBuild(_Model):
+    """How the TensorRT plans of one plan tag were built (`quickstep-export tensorrt`)."""
+
+    trt_version: str
+    batch_buckets: list[int] = Field(default_factory=list)  # one optimisation profile each
+    strongly_typed: bool | None = None
+    precision: Literal["fp32", "fp16"] | None = None
 
 
 class ExternalData(_Model):
@@ -509,14 +632,14 @@ class BundleManifest(_Model):
     exporter: str | None = None
     opset: int | None = None
     precision: Literal["fp32", "fp16"] = "fp32"
-    parity: dict[str, Any] = Field(default_factory=dict)
+    parity: Parity = Field(default_factory=Parity)
     export_seconds: dict[str, float] = Field(default_factory=dict)
     files: dict[str, FileEntry] = Field(default_factory=dict)
     onnx_external_data: ExternalData | None = None
     teacher: TeacherRef | None = None
     quality: Quality | None = None
     aoti: AotiSection | None = None
-    tensorrt: dict[str, dict[str, Any]] | None = None  # plan_tag -> build (trt_version, batch_buckets, ...)
+    tensorrt: dict[str, TensorRTBuild] | None = None  # plan_tag -> how its plans were built
     created: str | None = None
     quickstep_version: str | None = None
 
@@ -553,10 +676,10 @@ class BundleManifest(_Model):
             raise ValueError(f"class_aliases must map non-empty words to class indices 0..{self.num_classes - 1}")
         return self
 
-    def parity_tolerance(self, backend: str, key: str) -> float | None:
+    def parity_tolerance(self, backend: Literal["onnxruntime", "aoti"], key: str) -> float | None:
         """The tolerance export's parity gate used for graph `key` on `backend` (None when not recorded)."""
-        entry = (self.parity.get(backend) or {}).get(key)
-        return float(entry["tolerance"]) if isinstance(entry, dict) and "tolerance" in entry else None
+        entry = self.parity.entry(backend, key)
+        return None if entry is None else entry.tolerance
 
     def graph(self, steps: int) -> GraphEntry:
         return self.graphs[str(steps)]
@@ -570,6 +693,10 @@ class BundleManifest(_Model):
         bundle or when none are recorded (the generator then uses its default 1-/2-step times)."""
         ts = self.times.get(str(steps)) if self.kind == "consistency" else None
         return None if ts is None else list(ts)
+
+    def graph_file(self, steps: int, key: str) -> str | None:
+        """The file of backend `key` ('onnx', 'aoti', 'tensorrt', ...) of the graph for `steps`, None when absent."""
+        return self.graph(steps).files.get(key)
 
     @classmethod
     def from_json(cls, raw: Any, where: str = MANIFEST) -> BundleManifest:
@@ -665,6 +792,7 @@ __all__ = [
     "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "CHECKPOINT_FORMAT", "CHECKPOINT_FORMAT_VERSION", "GENERATORS", "KINDS",
     "MANIFEST", "RUNNERS",
     "AotiSection", "ArtifactError", "BundleError", "DataSource", "ExternalData", "BundleManifest", "CheckpointMeta", "DataSpec", "FileEntry", "GraphEntry",
-    "Quality", "QualityEntry", "QualityTeacher", "Runner", "SamplerSpec", "TeacherRef", "TensorSpec", "balanced_labels", "draw_labels",
+    "Parity", "ParityEntry", "Quality", "QualityEntry", "QualityFlag", "QualityTeacher", "QualityTolerance", "Runner",
+    "TensorRTBuild", "SamplerSpec", "TeacherRef", "TensorSpec", "balanced_labels", "draw_labels",
     "draw_noise", "find_entry_point", "load_generators", "migrate_checkpoint", "migrate_manifest", "nfe", "open_runner", "plan_tag", "relative_ref", "sha256_file",
 ]

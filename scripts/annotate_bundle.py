@@ -85,10 +85,10 @@ def annotate_classes(bundle: Path, names: str | None, aliases: str | None) -> in
 
     manifest = read_manifest(bundle)
     if names is not None:
-        manifest["class_names"] = [x.strip() for x in names.split(",")]
+        manifest.class_names = [x.strip() for x in names.split(",")]
     if aliases is not None:
         pairs = [a.split("=", 1) for a in aliases.split(",") if a.strip()]
-        manifest["class_aliases"] = {w.strip(): int(i) for w, i in pairs}
+        manifest.class_aliases = {w.strip(): int(i) for w, i in pairs}
     write_manifest(bundle, manifest)
     b = load_bundle(bundle)
     print(json.dumps({"class_names": b.class_names, "class_aliases": b.class_aliases}))

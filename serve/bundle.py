@@ -103,7 +103,7 @@ class Bundle:
     def graph_file(self, steps: int, key: str, what: str) -> Path:
         """The file of backend `key` for `steps`; a clear error naming what to export when it is missing."""
         g = self.graphs[steps]
-        rel = g.files.get(key)
+        rel = self.manifest.graph_file(steps, key)
         if rel is None:
             raise BundleError(
                 f"bundle {self.name!r} has no {what} for steps={steps} (manifest graphs[{str(steps)!r}] lacks "

@@ -51,7 +51,7 @@ def quality_markdown(quality: Quality | None, backend: str) -> str:
     FD, class accuracy and batch-1 latency per step count, flags, and the teacher's FD."""
     if quality is None:
         return "*No quality report in this bundle (`quickstep-export report BUNDLE --out DIR` adds one).*"
-    per = quality.backends.get(backend)
+    per = quality.entries(backend)
     if not per:
         measured = ", ".join(sorted(quality.backends)) or "none"
         return f"*Quality not measured on backend `{backend}` (measured: {measured}).*"
@@ -59,7 +59,7 @@ def quality_markdown(quality: Quality | None, backend: str) -> str:
              f"vs {quality.data or 'held-out data'})",
              "", "| steps | FD | class acc | ms @b1 | flagged |", "|---|---|---|---|---|"]
     for steps, e in sorted(per.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0):
-        lines.append(f"| {steps} | {_num(e.fd)} | {_num(e.class_accuracy, 3)} | {_num(e.latency_ms.get('1'), 3)} | "
+        lines.append(f"| {steps} | {_num(e.fd)} | {_num(e.class_accuracy, 3)} | {_num(e.latency_at(1), 3)} | "
                      f"{'**yes**' if e.flagged else 'no'} |")
     t = quality.teacher
     if t is not None:

@@ -21,6 +21,7 @@ from quickstep.artifacts import (
     BundleError,
     BundleManifest,
     CheckpointMeta,
+    ParityEntry,
     TeacherRef,
     draw_labels,
     draw_noise,
@@ -150,3 +151,30 @@ def test_stages_reach_each_other_through_entry_points():
     assert all(find_entry_point(RUNNERS, b, "") is open_runner for b in ("onnxruntime", "tensorrt", "torch", "aoti"))
     with pytest.raises(ArtifactError, match=r"'jax'.*installed: \['torch'\].*the hint"):
         find_entry_point(GENERATORS, "jax", "the hint")
+
+
+def test_parity_quality_and_tensorrt_sections_are_typed_and_keep_their_json():
+    """The manifest's parity, quality tolerance/flags and TensorRT builds are typed; their JSON (keys and key order:
+    one max_abs_err_b{N} per batch size) is what export wrote before they were, and empty sections stay empty."""
+    raw = json.loads((BUNDLED / "manifest.json").read_text())
+    trt = {"units": "uint8 levels", "reference": "onnxruntime", "max_abs_err_b1": 0.0, "max_abs_err_b32": 1.0,
+           "tolerance": 2.0, "passed": True, "build_s": 30.1}
+    raw["parity"]["tensorrt"] = {"H200.trt10.13.3": {"1": trt}}
+    raw["tensorrt"] = {"H200.trt10.13.3": {"trt_version": "10.13.3", "batch_buckets": [1, 8, 32],
+                                          "strongly_typed": True, "precision": "fp32"}}
+    raw["quality"]["flagged"] = [{"backend": "onnxruntime", "steps": 1, "fd": 3.0, "fd_torch": 1.0, "fd_margin": 0.5}]
+    m = BundleManifest.from_json(raw)
+    ort = m.parity.entry("onnxruntime", "denoiser")
+    assert ort.units == "relative max abs" and set(ort.max_abs_err) == {1, 7} and ort.passed
+    assert m.parity_tolerance("onnxruntime", "1") == 1.0 and m.parity_tolerance("aoti", "1") is None
+    assert m.parity.tensorrt["H200.trt10.13.3"]["1"].worst == 1.0 and m.tensorrt["H200.trt10.13.3"].batch_buckets[-1] == 32
+    assert m.quality.tolerance.seed_spread["1"] > 0 and m.quality.flagged[0].fd_margin == 0.5
+    out = m.to_json()
+    assert out == raw and list(out["parity"]["tensorrt"]["H200.trt10.13.3"]["1"]) == list(trt)
+    assert list(out["parity"]["onnxruntime"]["1"]) == ["units", "max_abs_err_b1", "max_abs_err_b7", "tolerance", "passed"]
+    m.parity.record("aoti", "1", ParityEntry(units="uint8 levels", max_abs_err={1: 0.0}, tolerance=1.0, passed=True)
+                    .with_extra(compile_s=12.5))
+    assert m.to_json()["parity"]["aoti"] == {"1": {"units": "uint8 levels", "max_abs_err_b1": 0.0, "tolerance": 1.0,
+                                                   "passed": True, "compile_s": 12.5}}
+    bare = BundleManifest.from_json({**raw, "parity": {}, "quality": {**raw["quality"], "tolerance": {}, "flagged": []}})
+    assert bare.to_json()["parity"] == {} and bare.to_json()["quality"]["tolerance"] == {}

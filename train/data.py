@@ -54,12 +54,6 @@ class DataSpec:
         return {"kind": self.kind, "shape": list(self.shape), "num_classes": self.num_classes, "name": self.name,
                 "class_names": None if self.class_names is None else list(self.class_names)}
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> DataSpec:
-        names = d.get("class_names")
-        return DataSpec(kind=d["kind"], shape=tuple(int(s) for s in d["shape"]), num_classes=int(d["num_classes"]),
-                        name=str(d["name"]), class_names=None if names is None else tuple(str(n) for n in names))
-
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """Stored samples -> float32 model space: uint8 images 0..255 -> [-1, 1] (x / 127.5 - 1); floats unchanged."""

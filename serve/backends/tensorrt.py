@@ -34,8 +34,8 @@ def select_plan(bundle: Bundle, steps: int, tag: str) -> Path:
     rebuild = (f"plans are tied to the GPU model and the TensorRT version: build one on this machine with "
                f"`quickstep-export tensorrt {bundle.path}`, or use --backend onnxruntime")
     if plans:
-        rel = plans.get(tag)
-        if not isinstance(rel, str):
+        rel = bundle.graphs[steps].plan(tag)
+        if rel is None:
             available = ", ".join(f"{t} ({f})" for t, f in sorted(plans.items()))
             raise BundleError(f"bundle {bundle.name!r} has no TensorRT engine for this GPU and TensorRT version "
                               f"({tag}) for steps={steps}; plans available: {available}; {rebuild}")

@@ -27,7 +27,7 @@ def test_verify_clean_bundle_with_parity(bundle_copy: Path) -> None:
     report = verify_bundle(bundle_copy)
     assert report.ok, report.summary()
     assert sorted(report.checked) == sorted(read_manifest(bundle_copy).to_json()["files"])
-    assert report.parity["onnxruntime"]["2"]["passed"] and report.parity["onnxruntime"]["denoiser"]["passed"]
+    assert report.parity["onnxruntime"]["2"].passed and report.parity["onnxruntime"]["denoiser"].passed
     result = _invoke("verify", bundle_copy, "--no-parity")
     assert result.exit_code == 0 and "OK" in result.output
 
