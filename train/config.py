@@ -254,15 +254,12 @@ class TrainConfig(Section):
 def _saved_backbone_defaults(d: Any) -> Any:
     """`d` with the backbone keys it lacks taken from the core backbone config of its kind."""
     model = d.get("model", {}) if isinstance(d, dict) else None
-    if not isinstance(model, dict) or model.get("kind", "mlp") not in BACKBONES:
-        return d
-    table = model.get("backbone", {})
-    if not isinstance(table, dict):
-        return d
-    kind = model.get("kind", "mlp")
+    kind = model.get("kind", "mlp") if isinstance(model, dict) else None
+    if kind not in BACKBONES or not isinstance(model.get("backbone", {}), dict):
+        return d  # validation names the problem
     core = {f.name: f.default for f in dataclasses.fields(CORE_BACKBONES[kind]) if f.init}
-    keys = [k for k in BACKBONES[kind].model_fields if k != "kind"]
-    return {**d, "model": {**model, "backbone": {**{k: core[k] for k in keys}, **table}}}
+    saved = {k: core[k] for k in _keys(BACKBONES[kind])} | model.get("backbone", {})
+    return {**d, "model": {**model, "backbone": saved}}
 
 
 # ----------------------------------------------------------------------------------------------- objectives
@@ -271,7 +268,7 @@ def _strict(tp: Any) -> Any:
     scalars = {int: Int, float: Float, bool: Bool, str: Str}
     args = typing.get_args(tp)
     if args and type(None) in args:
-        return typing.Optional[_strict(next(a for a in args if a is not type(None)))]  # noqa: UP045
+        return _strict(next(a for a in args if a is not type(None))) | None
     return scalars.get(tp, tp)
 
 
