@@ -19,7 +19,6 @@ up automatically (it adds parsers whose `func(args) -> int` runs the command).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import importlib.util
 import json
@@ -60,7 +59,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.steps is not None:
         if args.steps < 1:
             raise UsageError(f"--steps must be >= 1, got {args.steps}")
-        cfg = dataclasses.replace(cfg, steps=args.steps)
+        cfg = cfg.model_copy(update={"steps": args.steps})
     cfg = build_config(cfg.to_dict())
     if args.dry_run:
         from .config import model_config

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from quickstep.artifacts import CheckpointMeta, DataSpec, SamplerSpec, TeacherRef, sha256_file
 
-from .config import TrainConfig, build_config, model_config
+from .config import TrainConfig, model_config
 from .core import checkpoint as ckpt
 from .core.model import TrigFlowModel, build_model
 from .core.networks import ModelConfig
@@ -681,4 +681,4 @@ def config_from_checkpoint(path: str | Path) -> TrainConfig:
     meta = ckpt.load_meta(find_checkpoint(path))
     if meta.train is None:
         raise ckpt.CheckpointFormatError(f"{path} has no training config; was it written by quickstep-train?")
-    return build_config(meta.train)
+    return TrainConfig.from_dict(meta.train)

@@ -28,7 +28,7 @@ def test_presets_exist_and_load():
         cfg = load_preset(n)
         assert cfg.objectives
     assert set(load_preset("digits-all").objectives) == {"stf", "cp", "fp"}
-    assert load_preset("digits-plain").model.backbone["model_channels"] == 32
+    assert load_preset("digits-plain").model.backbone.model_channels == 32
 
 
 def test_presets_trained_from_scratch_use_time_scale_10():
@@ -41,7 +41,7 @@ def test_presets_trained_from_scratch_use_time_scale_10():
         cfg = load_preset(n)
         if any(getattr(get_objective_spec(o).factory, "init_from_teacher", False) for o in cfg.objectives):
             continue
-        assert cfg.model.backbone.get("time_scale") == 10.0, n
+        assert cfg.model.backbone.time_scale == 10.0, n
         checked.append(n)
     assert {"gmm2d-plain", "gmm2d-all", "gmm2d-sct", "cifar10-teacher", "digits-stf"} <= set(checked)
 
