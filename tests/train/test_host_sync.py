@@ -78,7 +78,9 @@ def per_step_reads(tmp_path: Path, objectives: dict, **over) -> dict[str, float]
     ({"diffusion": {}, "fp": {"batch_fraction": 0.25}}, {}),
     # STF checks on the host that every sample has a reference of its class (a clear error, not a device assert)
     ({"stf": {"ref_batch": 256}}, {"train/losses/stf.py:__bool__": 1.0}),
-], ids=["plain", "cp", "fp", "stf"])
+    # sCM decides on the host to replace a non-finite tangent's loss by an exact zero (its diagnostics stay tensors)
+    ({"sct": {}}, {"train/losses/scm.py:__bool__": 1.0}),
+], ids=["plain", "cp", "fp", "stf", "sct"])
 def test_the_loop_makes_no_host_read_per_step(tmp_path, objectives, objective_reads):
     """A fused Adam skips a step on the device (`found_inf`), so the NaN guard and an objective's skip request are
     device-side flags inspected when the loop logs: the loop reads nothing per step (before issue 18: two reads,
