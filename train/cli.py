@@ -11,20 +11,27 @@
                         [--channels 1|3] [--split train] [--overwrite]   (decode once into the prepared format)
     quickstep-train data --verify OUT
 
-Bad input (unknown preset, key or value, missing checkpoint) prints one clear line and exits with code 2.
-Other stages add sub-commands: a module `quickstep.train.eval.cli` exposing `register(subparsers)` is picked
-up automatically (it adds parsers whose `func(args) -> int` runs the command).
+Bad input (unknown preset, key or value, missing checkpoint) prints one clear line and exits with code 2; a
+bad flag or choice is typer's usage error (exit 2, naming the valid values).  Other stages add sub-commands: a
+module `quickstep.train.eval.cli` exposing `register(app)` is picked up automatically (it adds typer commands).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
+import typer
+
+from quickstep.cli import run_app
+
+PROG = "quickstep-train"
 EXIT_USAGE = 2
 SAMPLERS = ("heun", "euler", "sde", "consistency")
 DEFAULT_STEPS = {"consistency": 1, "heun": 18, "euler": 18, "sde": 18}  # when --steps is not given
@@ -35,101 +42,158 @@ class UsageError(Exception):
 
 
 def _fail(msg: str) -> int:
-    print(f"quickstep-train: error: {msg}", file=sys.stderr)
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
     return EXIT_USAGE
 
 
+class _Group(typer.core.TyperGroup):
+    """An unknown sub-command names the valid ones."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            ctx.fail(f"No such command {args[0]!r}; valid commands: {', '.join(sorted(self.commands))}")
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(name=PROG, cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Train TrigFlow diffusion teachers and consistency models.")
+
+
+def _choices(name: str, values: Sequence[str]) -> type[StrEnum]:
+    """A StrEnum of the allowed values of an option (typer names them in its error for any other value)."""
+    return StrEnum(name, {v: v for v in values})
+
+
+Sampler = _choices("Sampler", SAMPLERS)
+Weights = _choices("Weights", ("ema", "raw"))
+DataKind = _choices("DataKind", ("folder", "edm", "tar", "cifar10", "npz"))
+Split = _choices("Split", ("train", "test", "all"))
+Crop = _choices("Crop", ("none", "center"))
+Channels = _choices("Channels", ("1", "3"))
+
+
 # ----------------------------------------------------------------------------------------------- fit
-def cmd_fit(args: argparse.Namespace) -> int:
+@app.command(help="train from a preset (or resume a run)")
+def fit(
+    preset: str | None = typer.Option(None, "--preset", help="preset name (see `quickstep-train presets`)"),
+    data: str | None = typer.Option(None, "--data", help="data replacing the preset's: a `quickstep-train data` "
+                                    "output, an image folder, an EDM zip/folder, .tar shards, a CIFAR-10 batch "
+                                    "folder or an .npz (same kind as the preset's)"),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="KEY=VALUE",
+                                          help="override a config key (repeatable)"),
+    out: str = typer.Option(..., "--out", help="run directory (checkpoints, logs, samples)"),
+    steps: int | None = typer.Option(None, "--steps", help="total number of steps (overrides the preset)"),
+    resume: str | None = typer.Option(None, "--resume", metavar="DIR",
+                                      help="checkpoint or run directory to continue exactly"),
+    teacher: str | None = typer.Option(None, "--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA "
+                                       "weights) for distillation, or gmm:<preset> for a Gaussian mixture's exact "
+                                       "PF-ODE (e.g. gmm:ring8); --resume reuses the teacher recorded in the "
+                                       "checkpoint when this is not given"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and model size; no training"),
+) -> None:
     from .config import build_config, load_preset
     from .core.checkpoint import CheckpointError
     from .loop import NonFiniteLossError, Trainer, config_from_checkpoint, data_std
 
-    if args.resume:
-        if args.preset or args.data or args.set:
+    if resume:
+        if preset or data or set_:
             raise UsageError("--resume continues a run with its saved config; do not combine it with "
                              "--preset/--data/--set (only --steps may extend the run)")
-        cfg = config_from_checkpoint(args.resume)
+        cfg = config_from_checkpoint(resume)
     else:
-        if not args.preset:
+        if not preset:
             from .config import list_presets
 
             raise UsageError(f"--preset is required; valid presets: {', '.join(list_presets())}")
-        cfg = load_preset(args.preset, args.set or [], data_path=args.data)
-    if args.steps is not None:
-        if args.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {args.steps}")
-        cfg = cfg.model_copy(update={"steps": args.steps})
+        cfg = load_preset(preset, set_ or [], data_path=data)
+    if steps is not None:
+        if steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {steps}")
+        cfg = cfg.model_copy(update={"steps": steps})
     cfg = build_config(cfg.to_dict())
-    if args.dry_run:
-        from .config import model_config
-        from .data import load_dataset
-
-        d = cfg.data
-        ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution, crop=d.crop,
-                          stream=True, **dict(d.options))
-        mc = model_config(cfg, ds.spec, data_std=data_std(ds))
-        from .core.model import build_model
-
-        n_params = sum(p.numel() for p in build_model(mc).parameters())
-        print(json.dumps({"train": cfg.to_dict(), "data": ds.spec.to_dict(), "num_samples": len(ds),
-                          "model": mc.to_dict(), "parameters": n_params}, indent=2, default=str))
-        return 0
-    out = Path(args.out)
+    if dry_run:
+        print(json.dumps(_resolved(cfg, data_std), indent=2, default=str))
+        return
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, teacher=args.teacher)
+        trainer = Trainer(cfg, Path(out), resume=resume, teacher=teacher)
     except CheckpointError as e:
         raise UsageError(str(e)) from e
     try:
         result = trainer.fit()
     except NonFiniteLossError as e:
-        print(f"quickstep-train: training stopped: {e}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: training stopped: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
     finally:
         trainer.close()
     if trainer.rank == 0:
         print(f"trained {result.step} steps; last checkpoint: {result.checkpoint}")
-    return 0
+
+
+def _resolved(cfg, data_std) -> dict[str, Any]:
+    """--dry-run: the resolved config, the data's spec and size, the model config and its parameter count."""
+    from .config import model_config
+    from .core.model import build_model
+    from .data import load_dataset
+
+    d = cfg.data
+    ds = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution, crop=d.crop,
+                      stream=True, **dict(d.options))
+    mc = model_config(cfg, ds.spec, data_std=data_std(ds))
+    n_params = sum(p.numel() for p in build_model(mc).parameters())
+    return {"train": cfg.to_dict(), "data": ds.spec.to_dict(), "num_samples": len(ds), "model": mc.to_dict(),
+            "parameters": n_params}
 
 
 # ----------------------------------------------------------------------------------------------- sample
-def cmd_sample(args: argparse.Namespace) -> int:
+@app.command(help="draw samples from a checkpoint into a PNG")
+def sample(
+    ckpt_dir: str = typer.Option(..., "--ckpt", help="checkpoint or run directory"),
+    sampler_name: Sampler | None = typer.Option(None, "--sampler", help="default: consistency for a consistency "
+                                                "checkpoint (sCT/sCD/Direct CM/CD), else heun"),
+    steps: int | None = typer.Option(None, "--steps", help="default: 1 for the consistency sampler, else 18"),
+    n: int = typer.Option(64, "-n"),
+    class_label: int | None = typer.Option(None, "--class"),
+    seed: int = typer.Option(0, "--seed"),
+    weights: Weights = typer.Option("ema", "--weights"),
+    device_name: str = typer.Option("auto", "--device"),
+    out: str = typer.Option(..., "--out", help="PNG path"),
+) -> None:
     import torch
 
     from .core import checkpoint as ckpt
     from .core.sampling import karras_sigmas, sample_consistency, sample_euler, sample_heun, sample_sde
     from .loop import find_checkpoint, save_samples_png
 
-    if args.n < 1:
-        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if n < 1:
+        raise UsageError(f"-n must be >= 1, got {n}")
     try:
-        path = find_checkpoint(args.ckpt)
+        path = find_checkpoint(ckpt_dir)
         config = ckpt.load_meta(path)
         kind = config.kind
         times = ckpt.recorded_times(config)  # the checkpoint's own consistency times, when it records them
-        sampler = args.sampler or ("consistency" if kind == "consistency" else "heun")
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]
+        sampler = sampler_name.value if sampler_name else ("consistency" if kind == "consistency" else "heun")
+        steps = steps if steps is not None else DEFAULT_STEPS[sampler]
         if steps < 1:
             what = ("1 = one-step, 2 = two-step sCM sampling" if sampler == "consistency"
                     else "the number of noise levels of the Karras grid")
             raise UsageError(f"--steps must be >= 1 for the {sampler} sampler ({what}), got {steps}")
-        model = ckpt.load_model(path, which=args.weights)
+        model = ckpt.load_model(path, which=weights.value)
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from e
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     labels = None
     if model.num_classes > 0:
-        if args.class_label is not None:
-            if not 0 <= args.class_label < model.num_classes:
-                raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {args.class_label}")
-            labels = torch.full((args.n,), args.class_label, dtype=torch.long, device=device)
+        if class_label is not None:
+            if not 0 <= class_label < model.num_classes:
+                raise UsageError(f"--class must be in [0, {model.num_classes - 1}], got {class_label}")
+            labels = torch.full((n,), class_label, dtype=torch.long, device=device)
         else:
-            labels = torch.arange(args.n, device=device) % model.num_classes
-    elif args.class_label is not None:
+            labels = torch.arange(n, device=device) % model.num_classes
+    elif class_label is not None:
         raise UsageError("--class given, but the model is unconditional")
-    eps = torch.randn((args.n, *model.sample_shape), generator=g, device=device)
+    eps = torch.randn((n, *model.sample_shape), generator=g, device=device)
     with torch.no_grad():
         if sampler == "consistency":
             x = sample_consistency(model, model.sigma_data * eps, steps=steps, ts=times.get(steps), generator=g,
@@ -142,38 +206,57 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 x = sample_euler(model.denoise, eps * sig[0], sig, class_labels=labels)
             else:
                 x = sample_sde(model.denoise, eps * sig[0], sig, class_labels=labels, generator=g)
-    png = save_samples_png(x, args.out)
-    print(f"wrote {args.n} samples ({kind} checkpoint, {sampler} sampler, {steps} step{'s' * (steps != 1)}) "
+    png = save_samples_png(x, out)
+    print(f"wrote {n} samples ({kind} checkpoint, {sampler} sampler, {steps} step{'s' * (steps != 1)}) "
           f"to {png}")
-    return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+# ----------------------------------------------------------------------------------------------- data, presets
+@app.command(help="decode an image folder / EDM zip / tar shards / CIFAR-10 / npz once into the fast prepared format "
+                  "(uint8 .npy + labels + meta.json)")
+def data(
+    source: str = typer.Argument(..., help="the data: a folder (class sub-folders), EDM zip or folder, .tar shards, "
+                                 "the CIFAR-10 python batch folder or an .npz"),
+    out: str | None = typer.Argument(None, help="output directory (images.npy, labels.npy, meta.json)"),
+    kind: DataKind | None = typer.Option(None, "--kind", help="default: detected"),
+    split: Split = typer.Option("train", "--split", help="cifar10 / npz split"),
+    resolution: int | None = typer.Option(None, "--resolution",
+                                          help="resize every image to R x R (required for mixed sizes)"),
+    crop: Crop = typer.Option("none", "--crop", help="center-crop to a square first"),
+    channels: Channels | None = typer.Option(None, "--channels",
+                                             help="1 = grayscale, 3 = RGB (default: from the files)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it is a prepared set"),
+    workers: int | None = typer.Option(None, "--workers",
+                                       help="decoding processes (default: one per CPU core; 0 = this process)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    verify_: bool = typer.Option(False, "--verify", help="check OUT's images against the recorded sha256 and its "
+                                 "source's fingerprint"),
+) -> None:
     from .prepare import convert, verify
 
-    if args.verify:
-        if args.out is not None:
+    if verify_:
+        if out is not None:
             raise UsageError("--verify takes one prepared directory: quickstep-train data --verify OUT")
-        verify(args.source)
-        print(f"{args.source}: images match their recorded sha256; the source is unchanged or gone")
-        return 0
-    if args.out is None:
+        verify(source)
+        print(f"{source}: images match their recorded sha256; the source is unchanged or gone")
+        return
+    if out is None:
         raise UsageError("give SOURCE and OUT: quickstep-train data my_images/ data/my_images")
-    if args.resolution is not None and args.resolution < 1:
-        raise UsageError(f"--resolution must be >= 1, got {args.resolution}")
-    meta = convert(args.source, args.out, kind=args.kind, split=args.split, resolution=args.resolution,
-                   crop=args.crop, channels=args.channels, overwrite=args.overwrite, progress=not args.quiet,
-                   workers=args.workers)
+    if resolution is not None and resolution < 1:
+        raise UsageError(f"--resolution must be >= 1, got {resolution}")
+    meta = convert(source, out, kind=kind and kind.value, split=split.value, resolution=resolution,
+                   crop=crop.value, channels=channels and int(channels.value), overwrite=overwrite,
+                   progress=not quiet, workers=workers)
     n, c, h, w = meta["shape"]
     names = meta["class_names"]
     print(f"wrote {n} images {c}x{h}x{w} ({n * c * h * w / 2**20:.1f} MiB uint8), {meta['num_classes']} classes"
-          f"{' ' + str(names[:10]) if names else ''} to {args.out} in {meta['seconds']:.1f} s; mean "
+          f"{' ' + str(names[:10]) if names else ''} to {out} in {meta['seconds']:.1f} s; mean "
           f"{meta['mean']}, std {meta['std']} (in [-1, 1] units)\n"
-          f"train: quickstep-train fit --preset PRESET --data {args.out} --out runs/NAME")
-    return 0
+          f"train: quickstep-train fit --preset PRESET --data {out} --out runs/NAME")
 
 
-def cmd_presets(args: argparse.Namespace) -> int:
+@app.command(help="list the shipped presets")
+def presets() -> None:
     from .config import list_presets, preset_dict
 
     for name in list_presets():
@@ -181,80 +264,27 @@ def cmd_presets(args: argparse.Namespace) -> int:
         objs = "+".join(d.get("objectives", {})) or "-"
         print(f"{name:18s} data={d.get('data', {}).get('name', '?'):8s} model={d.get('model', {}).get('kind', '?'):5s} "
               f"objectives={objs} steps={d.get('steps', '?')} batch={d.get('batch_size', '?')}")
-    return 0
 
 
-# ----------------------------------------------------------------------------------------------- parser
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: exit 2 with the usage line, no traceback
-        self.print_usage(sys.stderr)
-        raise SystemExit(_fail(message))
+for _mod in ("quickstep.train.eval.cli",):  # extension slots owned by other stages
+    if importlib.util.find_spec("quickstep.train.eval") and importlib.util.find_spec(_mod):
+        importlib.import_module(_mod).register(app)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="quickstep-train", description="Train TrigFlow diffusion teachers and consistency models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    f = sub.add_parser("fit", help="train from a preset (or resume a run)")
-    f.add_argument("--preset", help="preset name (see `quickstep-train presets`)")
-    f.add_argument("--data", help="data replacing the preset's: a `quickstep-train data` output, an image folder, an "
-                   "EDM zip/folder, .tar shards, a CIFAR-10 batch folder or an .npz (same kind as the preset's)")
-    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    f.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
-    f.add_argument("--steps", type=int, help="total number of steps (overrides the preset)")
-    f.add_argument("--resume", metavar="DIR", help="checkpoint or run directory to continue exactly")
-    f.add_argument("--teacher", metavar="DIR", help="frozen teacher checkpoint (EMA weights) for distillation, or "
-                   "gmm:<preset> for a Gaussian mixture's exact PF-ODE (e.g. gmm:ring8); "
-                   "--resume reuses the teacher recorded in the checkpoint when this is not given")
-    f.add_argument("--dry-run", action="store_true", help="print the resolved config and model size; no training")
-    f.set_defaults(func=cmd_fit)
-
-    s = sub.add_parser("sample", help="draw samples from a checkpoint into a PNG")
-    s.add_argument("--ckpt", required=True, help="checkpoint or run directory")
-    s.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="default: consistency for a consistency checkpoint (sCT/sCD/Direct CM/CD), else heun")
-    s.add_argument("--steps", type=int, default=None, help="default: 1 for the consistency sampler, else 18")
-    s.add_argument("-n", type=int, default=64)
-    s.add_argument("--class", dest="class_label", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--out", required=True, help="PNG path")
-    s.set_defaults(func=cmd_sample)
-
-    dp = sub.add_parser("data", help="decode an image folder / EDM zip / tar shards / CIFAR-10 / npz once into the "
-                        "fast prepared format (uint8 .npy + labels + meta.json)")
-    dp.add_argument("source", help="the data: a folder (class sub-folders), EDM zip or folder, .tar shards, the "
-                    "CIFAR-10 python batch folder or an .npz")
-    dp.add_argument("out", nargs="?", help="output directory (images.npy, labels.npy, meta.json)")
-    dp.add_argument("--kind", choices=("folder", "edm", "tar", "cifar10", "npz"), help="default: detected")
-    dp.add_argument("--split", choices=("train", "test", "all"), default="train", help="cifar10 / npz split")
-    dp.add_argument("--resolution", type=int, help="resize every image to R x R (required for mixed sizes)")
-    dp.add_argument("--crop", choices=("none", "center"), default="none", help="center-crop to a square first")
-    dp.add_argument("--channels", type=int, choices=(1, 3), help="1 = grayscale, 3 = RGB (default: from the files)")
-    dp.add_argument("--overwrite", action="store_true", help="replace OUT if it is a prepared set")
-    dp.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core; 0 = this process)")
-    dp.add_argument("--quiet", action="store_true", help="no progress bar")
-    dp.add_argument("--verify", action="store_true", help="check OUT's images against the recorded sha256 and "
-                    "its source's fingerprint")
-    dp.set_defaults(func=cmd_data)
-
-    pr = sub.add_parser("presets", help="list the shipped presets")
-    pr.set_defaults(func=cmd_presets)
-
-    for mod in ("quickstep.train.eval.cli",):  # extension slots owned by other stages
-        if importlib.util.find_spec("quickstep.train.eval") and importlib.util.find_spec(mod):
-            importlib.import_module(mod).register(sub)
-    return p
+# ----------------------------------------------------------------------------------------------- entry points
+def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The sub-command a command line names and its parameters (parsed, not run)."""
+    group = typer.main.get_command(app)
+    name, *rest = argv
+    return name, group.commands[name].make_context(name, list(rest)).params
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run quickstep-train on `argv` (default: sys.argv); the exit status.  Bad input is one line, exit 2."""
     from .config import ConfigError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return run_app(app, argv, PROG)
     except (UsageError, ConfigError) as e:
         return _fail(str(e))
     except (ValueError, FileNotFoundError, KeyError) as e:  # data/model problems caused by the user's input

@@ -90,8 +90,8 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written (rank 0), or None
     step: int  # steps completed
     losses: list[float] = field(default_factory=list)  # total loss of every step run in this call
-    terms: list[dict[str, float]] = field(default_factory=list)  # every named term of every step run
     logs: list[dict[str, float]] = field(default_factory=list)  # the records logged (every log.every steps)
+    last: dict[str, float] = field(default_factory=dict)  # the last step's terms and diagnostics (its checkpoint's)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -109,6 +109,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device=cpu")
     return torch.device(name)
+
+
+def _device_scalar(v: torch.Tensor | float | bool, device: torch.device) -> torch.Tensor:
+    """A step's metric (a tensor or a Python number) as a detached float32 0-d tensor on `device`; a Python number is
+    filled in on the device (torch.full), not copied from the host (a blocking copy on CUDA)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(device=device, dtype=torch.float32)
+    return torch.full((), float(v), dtype=torch.float32, device=device)
 
 
 def ema_beta(cfg: TrainConfig, images_seen: int) -> float:
@@ -244,14 +252,59 @@ def save_samples_png(samples: torch.Tensor, path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- trainer
+@dataclass
+class _PendingStep:
+    """One step's device-resident record, read on the host at the next log interval (`Trainer._flush`)."""
+
+    step: int  # 0-based index of the step
+    lr: float
+    names: list[str]  # the loss terms (summed)
+    metric_names: list[str]  # the objectives' diagnostics (logged, not summed)
+    values: torch.Tensor  # [terms + metrics + 1] float32, rank-averaged; the last entry is the skip request
+    grad_norm: torch.Tensor  # [] the gradient norm before clipping
+
+
 class Trainer:
-    """Train a TrigFlowModel with the objectives of a TrainConfig.  `resume` continues a checkpoint exactly."""
+    """Train a TrigFlowModel with the objectives of a TrainConfig.  `resume` continues a checkpoint exactly.
+
+    Host reads (issue 18, as nanoGPT does): a step keeps its loss terms, diagnostics, gradient norm and skip request
+    on the device; `fit` reads them (one transfer for all pending steps) only when it logs or checkpoints, and runs
+    the NaN/Inf guard on them then.  With a fused Adam/AdamW (`device_guard`) the guard and an objective's skip
+    request act on the device too: the optimizer's `found_inf` and a `torch.where` on the EMA leave weights, moments
+    and EMA untouched on a skipped or non-finite step, and a non-finite step halts every later update until the read
+    raises NonFiniteLossError naming it (the step counter is reset to it: no update was applied with a bad loss).
+    The other optimizers (the for-loop Adam on CPU, RAdam) cannot skip an update on the device, so they read one
+    flag (non-finite, skip) per step.  A time-boxed DDP run (max_seconds) also agrees on the deadline every step."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, resume: str | Path | None = None,
                  teacher: str | Path | None = None, dataset: Any = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self._init_distributed()
+        self._setup_distributed()
+        self._setup_device()
+        self._setup_data(dataset)
+        exact_name = self._setup_teacher(teacher, resume)
+        self._setup_model(exact_name, warn_scale=resume is None)
+        self._setup_optimiser()
+        self._setup_objectives(resume)
+        self._setup_state()
+        self._resume(resume)
+        self._setup_feed()  # after _resume: a streamed feed starts its DataLoader at the restored sampler position
+
+    # -- construction, in the order __init__ runs it ----------------------------------------------
+    def _setup_distributed(self) -> None:
+        """torchrun's process group (gloo on CPU, NCCL on GPU), rank and world size."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            use_cuda = torch.cuda.is_available() and self.cfg.device != "cpu"
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+
+    def _setup_device(self) -> None:
+        """The device (TF32 on CUDA), this rank's share of the batch and bf16 autocast."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -262,23 +315,29 @@ class Trainer:
         self.local_batch = cfg.batch_size // self.world_size
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
 
+    def _setup_data(self, dataset: Any) -> None:
+        """The training set (the config's unless one is given): data.Dataset (in memory) or sources.FileSource
+        (streamed through a DataLoader)."""
+        cfg = self.cfg
         if dataset is None:
             from .data import load_dataset
 
             d = cfg.data
             dataset = load_dataset(d.name, path=d.path, split=d.split, seed=cfg.seed, resolution=d.resolution,
                                    crop=d.crop, stream=True, **dict(d.options))
-        self.dataset = dataset  # data.Dataset (in memory) or sources.FileSource (streamed through a DataLoader)
+        self.dataset = dataset
         self.spec = dataset.spec
         if cfg.data.xflip and self.spec.kind != "image":
             raise ValueError(f"data.xflip mirrors images; {self.spec.name!r} is {self.spec.kind} data "
                              f"(set data.xflip=false)")
 
-        # [issue 4] students (sCD, Direct CM, CD) start as the teacher's EMA with a fresh logvar head
+    def _setup_teacher(self, teacher: str | Path | None, resume: str | Path | None) -> str | None:
+        """The frozen teacher checkpoint (given, or recorded in the checkpoint resumed) and what config.json records
+        about it; returns the exact mixture teacher's name (built in _setup_model: it needs the student's
+        sigma_data), or None."""
         self.teacher: TrigFlowModel | None = None
         self.teacher_info: TeacherRef | None = None  # saved in config.json: --resume finds the teacher again
-        needs = [n for n in cfg.objectives if get_objective_spec(n).needs_teacher]
-        if teacher is None and resume is not None and needs:
+        if teacher is None and resume is not None and self._needs_teacher():
             teacher = saved_teacher(resume)
         exact_name = exact_teacher_name(teacher)
         if teacher is not None:
@@ -286,34 +345,16 @@ class Trainer:
         if teacher is not None and exact_name is None:
             self.teacher = ckpt.load_model(find_checkpoint(teacher), which="ema").to(self.device)
             self.teacher.eval().requires_grad_(False)
-        # also on resume: the student has the teacher's architecture (the preset's [model] is unused), and _load
-        # then replaces the weights.  An exact teacher has no weights: the student is the preset's [model] (or
-        # init_from's network, with a fresh logvar head for the objectives that start from a teacher).
-        wants_teacher_init = any(get_objective_spec(n).init_from_teacher for n in cfg.objectives)
-        init_from_teacher = self.teacher is not None and not cfg.init_from and wants_teacher_init
+        return exact_name
 
+    def _needs_teacher(self) -> list[str]:
+        return [n for n in self.cfg.objectives if get_objective_spec(n).needs_teacher]
+
+    def _setup_model(self, exact_name: str | None, *, warn_scale: bool) -> None:
+        """The student on the device (GPU fast-path options), the exact teacher, the EMA and the compiled backbone."""
+        cfg = self.cfg
         self.data_std = data_std(self.dataset)  # [issue 17] sigma_data should match it (one pass over the data)
-
-        # model: from init_from's EMA (its architecture), else freshly initialised from cfg.seed
-        if init_from_teacher:
-            from .losses.scm import init_student_from_teacher
-
-            self.model = init_student_from_teacher(copy.deepcopy(self.teacher), self.teacher).requires_grad_(True)
-            if tuple(self.model.sample_shape) != tuple(self.spec.shape):
-                raise ValueError(f"teacher model samples {self.model.sample_shape}, data are {self.spec.shape}")
-        elif cfg.init_from:
-            self.model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
-            if tuple(self.model.sample_shape) != tuple(self.spec.shape):
-                raise ValueError(f"init_from model samples {self.model.sample_shape}, data are {self.spec.shape}")
-            if exact_name is not None and wants_teacher_init:
-                from .losses.scm import init_student_from_teacher
-
-                self.model = init_student_from_teacher(self.model, self.model)  # fresh logvar head
-        else:
-            mcfg: ModelConfig = model_config(cfg, self.spec, data_std=self.data_std)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)
-                self.model = build_model(mcfg)
+        self.model = self._initial_model(exact_name)
         self.model.to(self.device).train()
         # [issue 21] GPU fast path: NHWC activations, fused optimizer kernels, a compiled backbone (options)
         if _on(cfg.channels_last, self.device):
@@ -321,65 +362,103 @@ class Trainer:
                 if m is not None:
                     m.set_channels_last(True)
         msg = data_scale_message(self.data_std, self.model.sigma_data)
-        if msg is not None and self.rank == 0 and resume is None:
-            warnings.warn(msg, DataScaleWarning, stacklevel=2)
+        if msg is not None and self.rank == 0 and warn_scale:
+            warnings.warn(msg, DataScaleWarning, stacklevel=3)
         if exact_name is not None:
             self.teacher = exact_teacher(exact_name, self.model.sigma_data).to(self.device)
-        has_labels = (dataset.y if hasattr(dataset, "y") else dataset.labels) is not None
+        has_labels = (self.dataset.y if hasattr(self.dataset, "y") else self.dataset.labels) is not None
         self.conditional = self.model.num_classes > 0 and has_labels
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if cfg.compile:  # in place: state_dict keys and the EMA stay those of the plain module
             self.model.backbone.compile(dynamic=False)
+
+    def _initial_model(self, exact_name: str | None) -> TrigFlowModel:
+        """[issue 4] The student's initial weights: the teacher's EMA with a fresh logvar head (sCD, Direct CM, CD),
+        else init_from's EMA (its architecture), else freshly initialised from cfg.seed.  Also on resume: the
+        student has the teacher's architecture (the preset's [model] is unused), and _resume then replaces the
+        weights.  An exact teacher has no weights: the student is the preset's [model] (or init_from's network,
+        with a fresh logvar head for the objectives that start from a teacher)."""
+        cfg = self.cfg
+        wants_teacher_init = any(get_objective_spec(n).init_from_teacher for n in cfg.objectives)
+        if self.teacher is not None and not cfg.init_from and wants_teacher_init:
+            from .losses.scm import init_student_from_teacher
+
+            model = init_student_from_teacher(copy.deepcopy(self.teacher), self.teacher).requires_grad_(True)
+            if tuple(model.sample_shape) != tuple(self.spec.shape):
+                raise ValueError(f"teacher model samples {model.sample_shape}, data are {self.spec.shape}")
+            return model
+        if cfg.init_from:
+            model = ckpt.load_model(find_checkpoint(cfg.init_from), which="ema")
+            if tuple(model.sample_shape) != tuple(self.spec.shape):
+                raise ValueError(f"init_from model samples {model.sample_shape}, data are {self.spec.shape}")
+            if exact_name is not None and wants_teacher_init:
+                from .losses.scm import init_student_from_teacher
+
+                model = init_student_from_teacher(model, model)  # fresh logvar head
+            return model
+        mcfg: ModelConfig = model_config(cfg, self.spec, data_std=self.data_std)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return build_model(mcfg)
+
+    def _setup_optimiser(self) -> None:
+        """Adam / AdamW (fused kernels per optim.fused) or RAdam over the trainable parameters."""
+        o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        o = cfg.optim
         opt_cls = {"radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}.get(o.name, torch.optim.Adam)
         kernels = {} if o.name == "radam" else {"fused": _on(o.fused, self.device)}  # RAdam has no fused kernel
         self.optimizer = opt_cls(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **kernels)
+        # a fused Adam skips an update on the device (found_inf): the guard then needs no host read per step
+        self.device_guard = bool(self.optimizer.defaults.get("fused"))
 
-        # a canonical order (by name): the random draws of a step must not depend on the order of TOML tables
-        # or of the JSON the config round-trips through on resume
+    def _setup_objectives(self, resume: str | Path | None) -> None:
+        """The objectives in a canonical order (by name: the random draws of a step must not depend on the order of
+        TOML tables or of the JSON the config round-trips through on resume) and the kind of model they train."""
+        cfg = self.cfg
         self.objectives = {name: build_objective(name, cfg.objectives[name]) for name in sorted(cfg.objectives)}
         self.kind = objectives_kind(self.objectives.values())  # recorded in every checkpoint: nothing guesses it
+        needs = self._needs_teacher()
         if self.teacher is None and needs:
             why = f" (checkpoint {resume} records none)" if resume is not None else ""
             raise ValueError(f"objective(s) {needs} need a teacher: pass --teacher DIR{why}")
 
-        # shared generators (identical on every rank) and the per-rank global RNG (dropout only)
-        self.sampler = InfiniteSampler(len(dataset), cfg.seed, xflip=cfg.data.xflip)
+    def _setup_state(self) -> None:
+        """Shared generators (identical on every rank), the per-rank global RNG (dropout only), the step counters
+        and the exact consistency-map probe."""
+        cfg = self.cfg
+        self.sampler = InfiniteSampler(len(self.dataset), cfg.seed, xflip=cfg.data.xflip)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         torch.manual_seed(cfg.seed * 7919 + 17 * self.rank + 3)
         self.step = 0
-        self.skipped_steps = 0  # optimizer updates skipped at an objective's request (see train_step)
+        self.skipped_steps = 0  # optimizer updates skipped at an objective's request (see _step)
+        self._pending: list[_PendingStep] = []  # steps run since the last host read (see _flush)
+        self._halt = torch.zeros((), dtype=torch.bool, device=self.device)  # device_guard: a non-finite step seen
         self.map_probe = None  # [issue 17] exact consistency-map error of a student on mixture data, per log
-        mixture = getattr(dataset, "mixture", None)
+        mixture = getattr(self.dataset, "mixture", None)
         if (self.rank == 0 and mixture is not None and cfg.log.map_error_n > 0 and self.model.num_classes == 0
                 and self.kind == "consistency"):
             from .eval.gmm_diagnostics import ConsistencyMapProbe
 
             self.map_probe = ConsistencyMapProbe(mixture, sigma_data=self.model.sigma_data, n=cfg.log.map_error_n,
                                                  generator=torch.Generator().manual_seed(cfg.seed + 4242))
+
+    def _resume(self, resume: str | Path | None) -> None:
+        """Continue a checkpoint exactly; a fresh DDP run starts every rank from rank 0's weights."""
         if resume is not None:
             self._load(find_checkpoint(resume))
         elif self.world_size > 1:
             for t in list(self.model.state_dict().values()):
                 dist.broadcast(t, 0)
             self.ema.load_state_dict(self.model.state_dict())
-        # after _load: a streamed feed starts its DataLoader at the restored sampler position
-        self.feed = DataFeed(dataset, self.sampler, device=self.device, batch_size=cfg.batch_size, rank=self.rank,
-                             world_size=self.world_size, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
-                             conditional=self.conditional)
+
+    def _setup_feed(self) -> None:
+        cfg = self.cfg
+        self.feed = DataFeed(self.dataset, self.sampler, device=self.device, batch_size=cfg.batch_size,
+                             rank=self.rank, world_size=self.world_size, workers=cfg.data.workers,
+                             prefetch=cfg.data.prefetch, conditional=self.conditional)
 
     # -- distributed ---------------------------------------------------------------------------
-    def _init_distributed(self) -> None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not dist.is_initialized():
-            use_cuda = torch.cuda.is_available() and self.cfg.device != "cpu"
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        self.distributed = dist.is_initialized()
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world_size = dist.get_world_size() if self.distributed else 1
-
     def _allreduce_grads(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
@@ -405,7 +484,13 @@ class Trainer:
         return provide
 
     def train_step(self) -> dict[str, float]:
-        """One optimisation step; returns the (rank-averaged) loss terms and diagnostics as floats."""
+        """One optimisation step; returns the (rank-averaged) loss terms and diagnostics as floats (a host read:
+        `fit` runs `_step` and reads only at log intervals)."""
+        self._step()
+        return self._flush()[-1]
+
+    def _step(self) -> None:
+        """One optimisation step, leaving its record on the device (`self._pending`)."""
         cfg, step = self.cfg, self.step
         gx, gy, lx, ly = self.feed.next()
         global_batch = Batch(gx, gy)
@@ -432,49 +517,86 @@ class Trainer:
         names = list(terms)
         metric_names = list(ctx.metrics)
         values = torch.stack([terms[k].detach() for k in names] +
-                             [torch.as_tensor(ctx.metrics[k], dtype=torch.float32, device=self.device).detach()
-                              for k in metric_names] +
-                             [torch.tensor(float(ctx.skip_update), device=self.device)])  # the typed skip request
+                             [_device_scalar(ctx.metrics[k], self.device) for k in metric_names] +
+                             [_device_scalar(ctx.skip_update, self.device)])  # the typed skip request
         if self.distributed:
             dist.all_reduce(values)
             values /= self.world_size
-        vals = values.tolist()
-        for k, v in zip(names, vals, strict=False):
-            if not math.isfinite(v):
-                raise NonFiniteLossError(f"step {step}: loss term {k!r} is {v} (not finite); stopping. Lower the "
-                                         "learning rate, enable optim.grad_clip, or check the data.")
         total = sum(terms.values())
         total.backward()
         if self.distributed:
             self._allreduce_grads()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm} (not finite) although every "
-                                     f"loss term ({', '.join(names)}) is finite; stopping.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).detach()
+        self._pending.append(_PendingStep(step, lr, names, metric_names, values, grad_norm))
+        bad = ~(torch.isfinite(values[: len(names)]).all() & torch.isfinite(grad_norm))
         # an objective may ask to skip the update (ctx.skip_update; sCM: non-finite tangent); any rank asking skips all
-        skip = vals[-1] > 0
-        if skip:  # neither the weights nor their EMA move on a skipped step
-            self.skipped_steps += 1
+        skip = values[-1] > 0
+        if self.device_guard:
+            self._update_on_device(bad, skip)
         else:
-            self.optimizer.step()
-            self._update_ema()
+            is_bad, is_skip = torch.stack([bad, skip]).tolist()  # the one host read per step (see the class doc)
+            if is_bad:
+                self._flush()  # raises NonFiniteLossError naming the step and the term
+            if not is_skip:  # neither the weights nor their EMA move on a skipped step
+                self.optimizer.step()
+                self._update_ema()
         self.step += 1
-        out = dict(zip(names + metric_names, vals[:-1], strict=True))
-        out["loss"] = float(sum(vals[: len(names)]))
-        out["grad_norm"] = grad_norm
-        out["lr"] = lr
-        out["skipped_steps"] = float(self.skipped_steps)
-        return out
+
+    def _update_on_device(self, bad: torch.Tensor, skip: torch.Tensor) -> None:
+        """The update, held on the device (fused Adam's found_inf, the EMA by torch.where) after a non-finite step
+        (sticky until `_flush` raises) or when an objective asks to skip."""
+        self._halt |= bad
+        hold = self._halt | skip
+        self.optimizer.found_inf = hold.float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self._update_ema(hold)
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, hold: torch.Tensor | None = None) -> None:
         beta = ema_beta(self.cfg, (self.step + 1) * self.cfg.batch_size)
         for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
-            pe.lerp_(p.detach(), 1 - beta)
+            if hold is None:
+                pe.lerp_(p.detach(), 1 - beta)
+            else:
+                pe.copy_(torch.where(hold, pe, torch.lerp(pe, p.detach(), 1 - beta)))
         for be, b in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-            be.copy_(b)
+            be.copy_(b if hold is None else torch.where(hold, be, b))
+
+    def _flush(self) -> list[dict[str, float]]:
+        """Read every pending step's record (one host transfer) and return each step's metrics as floats, in order;
+        the NaN/Inf guard: a NonFiniteLossError naming the first non-finite step and term (the step counter is
+        reset to it: no update was applied from it on)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        flat = torch.cat([torch.cat([r.values, r.grad_norm.reshape(1).float()]) for r in pending]).tolist()
+        outs, offset = [], 0
+        for r in pending:
+            n = len(r.names) + len(r.metric_names) + 1
+            vals, grad_norm = flat[offset : offset + n], flat[offset + n]
+            offset += n + 1
+            for k, v in zip(r.names, vals, strict=False):
+                if not math.isfinite(v):
+                    self.step = r.step
+                    raise NonFiniteLossError(f"step {r.step}: loss term {k!r} is {v} (not finite); stopping. Lower "
+                                             "the learning rate, enable optim.grad_clip, or check the data.")
+            if not math.isfinite(grad_norm):
+                self.step = r.step
+                raise NonFiniteLossError(f"step {r.step}: the gradient norm is {grad_norm} (not finite) although "
+                                         f"every loss term ({', '.join(r.names)}) is finite; stopping.")
+            self.skipped_steps += int(vals[-1] > 0)
+            out = dict(zip(r.names + r.metric_names, vals[:-1], strict=True))
+            out["loss"] = float(sum(vals[: len(r.names)]))
+            out["grad_norm"] = grad_norm
+            out["lr"] = r.lr
+            out["skipped_steps"] = float(self.skipped_steps)
+            outs.append(out)
+        return outs
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -490,7 +612,9 @@ class Trainer:
         return state
 
     def save(self, metrics: dict[str, float] | None = None) -> Path | None:
-        """Write `out_dir/step-NNNNNNN` atomically (rank 0) and prune old ones."""
+        """Write `out_dir/step-NNNNNNN` atomically (rank 0) and prune old ones (after the NaN guard has read every
+        step run: no checkpoint holds a non-finite step)."""
+        self._flush()
         rng = self._rng_state()
         path = None
         if self.rank == 0:
@@ -600,15 +724,19 @@ class Trainer:
         n_acc = 0
         try:
             while self.step < end:
-                out = self.train_step()
+                self._step()
                 if deadline < math.inf and self._past(deadline):  # max_seconds: this step is the last one
                     end = self.step
-                result.losses.append(out["loss"])
-                result.terms.append(out)
-                for k, v in out.items():
-                    acc[k] = acc.get(k, 0.0) + v
-                n_acc += 1
-                if self.step % cfg.log.every == 0 or self.step == end:
+                log_now = self.step % cfg.log.every == 0 or self.step == end
+                ckpt_now = self.step % cfg.log.ckpt_every == 0 or self.step == end
+                if log_now or ckpt_now:  # the only host reads of the loop: the steps since the last one, at once
+                    for out in self._flush():
+                        result.losses.append(out["loss"])
+                        result.last = out
+                        for k, v in out.items():
+                            acc[k] = acc.get(k, 0.0) + v
+                        n_acc += 1
+                if log_now:
                     now = time.perf_counter()
                     img_s = (self.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
                     # the data pipeline's rate next to the training rate (both global images/s): the loader is the
@@ -637,8 +765,8 @@ class Trainer:
                     bar.update(1)
                 if cfg.log.samples and cfg.log.sample_every > 0 and self.step % cfg.log.sample_every == 0:
                     self.sample_grid(self.out_dir / "samples" / f"{CKPT_PREFIX}{self.step:07d}.png")
-                if self.step % cfg.log.ckpt_every == 0 or self.step == end:
-                    result.checkpoint = self.save(out) or result.checkpoint
+                if ckpt_now:
+                    result.checkpoint = self.save(result.last) or result.checkpoint
             if cfg.log.samples:
                 self.sample_grid(self.out_dir / "samples" / "final.png")
         finally:

@@ -183,15 +183,15 @@ def test_gpu_image_entrypoint_falls_back_to_onnxruntime_without_gpu(tiny_bundle:
 
 def test_train_image_default_command_is_valid() -> None:
     """docker/Dockerfile.train's CMD parses with quickstep-train's own parser and names a shipped preset."""
-    from quickstep.train.cli import build_parser
+    from quickstep.train.cli import parse
     from quickstep.train.config import list_presets
 
     argv = command_line(final_stage(DOCKERFILES["Dockerfile.train"]))
     i = argv.index("quickstep.train.cli")
     assert argv[:i] == ["torchrun", "-m"], "torchrun runs the CLI module; its options come from PET_* variables"
-    args = build_parser().parse_args(argv[i + 1:])
-    assert args.command == "fit" and args.preset in list_presets()
-    assert args.out.startswith("/runs/"), "runs land in the image's /runs volume"
+    command, params = parse(argv[i + 1:])
+    assert command == "fit" and params["preset"] in list_presets()
+    assert params["out"].startswith("/runs/"), "runs land in the image's /runs volume"
 
 
 @pytest.mark.slow  # ~13 s on 2 cores: three processes import torch

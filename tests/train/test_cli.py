@@ -67,14 +67,15 @@ def test_overrides_parse_toml_values_and_remove_objectives():
     (["fit", "--preset", "digits-plain", "--data", "/nonexistent.npz", "--out", "x", "--dry-run"], "nonexistent"),
     (["fit", "--out", "x"], "--preset is required"),
     (["sample", "--ckpt", "/nonexistent", "--out", "x.png"], "does not exist"),
-    (["sample", "--ckpt", "x", "--sampler", "ddim", "--out", "x.png"], "invalid choice"),
-    (["frobnicate"], "invalid choice"),
+    (["sample", "--ckpt", "x", "--sampler", "ddim", "--out", "x.png"],
+     "'ddim' is not one of 'heun', 'euler', 'sde', 'consistency'"),
+    (["frobnicate"], "No such command 'frobnicate'; valid commands: data, eval, fit, presets, sample"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
         rc = main(argv)
-    except SystemExit as e:  # argparse-level errors
+    except SystemExit as e:  # never expected: main returns the exit status
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2

@@ -453,18 +453,20 @@ def test_student_presets_load(name):
     assert get_objective_spec(obj).needs_teacher == (obj != "sct")
 
 
-def test_trainer_scd_starts_from_the_teacher_ema_and_skips_nonfinite_steps(tmp_path, one_thread):
+@pytest.mark.parametrize("fused", ["off", "on"])  # on: the skip is applied on the device (found_inf)
+def test_trainer_scd_starts_from_the_teacher_ema_and_skips_nonfinite_steps(tmp_path, one_thread, fused):
     from quickstep.train.config import load_preset
     from quickstep.train.core.checkpoint import save_checkpoint
     from quickstep.train.loop import Trainer
 
     cfg = load_preset("gmm2d-scd", ["steps=3", "batch_size=32", "log.progress=false", "log.tensorboard=false",
-                                    "log.samples=false", "data.options.n=256"])
+                                    "log.samples=false", "data.options.n=256", f"optim.fused={fused}"])
     teacher = tiny_mlp(dim=2, seed=14, hidden=16)
     with torch.no_grad():
         teacher.logvar_head.linear.bias.fill_(1.5)
     save_checkpoint(tmp_path / "teacher", teacher)
     trainer = Trainer(cfg, tmp_path / "run", teacher=tmp_path / "teacher")
+    assert trainer.device_guard == (fused == "on")
     x, t = torch.randn(5, 2), torch.rand(5) + 0.1
     torch.testing.assert_close(trainer.model(x, t), teacher(x, t))  # the teacher's architecture and weights
     assert float(trainer.model.logvar(t).detach().abs().max()) == 0.0  # a fresh logvar head

@@ -78,7 +78,8 @@ class StepContext:
     teacher: Any = None  # frozen TrigFlowModel (eval mode, requires_grad False) or None
     references: ReferenceProvider | None = None  # STF reference batches: first rows are the global batch
     global_batch: Batch | None = None  # the whole batch of this step (all ranks); references start with it
-    metrics: dict[str, float] = field(default_factory=dict)  # detached diagnostics, logged not summed
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)  # detached diagnostics, logged not summed
+    # (scalar tensors stay on the device until the trainer logs them; a Python number costs no device read either)
     skip_update: bool = False  # an objective asks the trainer not to apply this step (weights and EMA stay)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 

@@ -136,7 +136,7 @@ class _GridDistillation:
         with torch.autocast(device_type=x_sigma.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pred = model.denoise(x_sigma, sigma, batch.y)  # f_theta(x_t, t) in the EDM view  [b, ...]
         dist = _per_sample_distance(pred, target, cfg.loss, cfg.huber_c)  # [b]
-        ctx.metrics[f"{self.name}/mse_x0"] = float(dist.detach().mean())
+        ctx.metrics[f"{self.name}/mse_x0"] = dist.detach().mean()
         return {self.name: cfg.weight * dist.mean()}
 
 

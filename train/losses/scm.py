@@ -293,16 +293,17 @@ class _SCMBase:
         r = warmup_ratio(ctx.step, cfg.horizon(ctx.total_steps))
         out = scm_step(model, batch.x, z, t, dxdt, cfg, r=r, class_labels=batch.y)
         ctx.metrics[f"{self.name}/r"] = r
-        ctx.metrics[f"{self.name}/mse"] = float(out.mse.mean())
-        ctx.metrics[f"{self.name}/g_raw_rms"] = float(per_sample_norm(
-            torch.nan_to_num(out.g_raw, nan=0.0, posinf=0.0, neginf=0.0), "rms").mean())
+        ctx.metrics[f"{self.name}/mse"] = out.mse.mean()  # diagnostics stay on the device (read when logged)
+        ctx.metrics[f"{self.name}/g_raw_rms"] = per_sample_norm(
+            torch.nan_to_num(out.g_raw, nan=0.0, posinf=0.0, neginf=0.0), "rms").mean().detach()
         # non-finite tangent: skip the whole step (zero loss and gradient; the trainer skips the update on every
         # rank when any rank reports skip_step > 0) and count it.  The metric names never vary between ranks.
+        # The one host read of the objective: a zero loss (exactly zero gradients) replaces the loss on the host.
         skip = not bool(out.finite.all())
         ctx.skip_update = ctx.skip_update or skip
         self.skipped_steps += int(skip)
         ctx.metrics["skip_step"] = max(float(skip), ctx.metrics.get("skip_step", 0.0))
-        ctx.metrics[f"{self.name}/nonfinite_tangents"] = float((~out.finite).sum())
+        ctx.metrics[f"{self.name}/nonfinite_tangents"] = (~out.finite).sum()
         ctx.metrics[f"{self.name}/skipped_steps"] = float(self.skipped_steps)
         if skip:
             return {self.name: _zero_loss(model, out.loss)}
