@@ -8,7 +8,8 @@ Each run is the real CLI a user runs -- `quickstep-train fit --preset digits-scd
 `quickstep-train eval --ckpt RUN --n N --sweep-t-mid --record-times` (the chosen 2-step times go into the
 checkpoint, ready for `quickstep-export`) -- and writes docs/results/students/digits/<recipe>-s<seed>.json
 (the eval report's quality rows, the t_mid sweep, the training wall time). Finished runs are skipped and a run
-directory with a final checkpoint is only evaluated, so the script resumes after an interruption.
+directory with a final checkpoint is only evaluated, and an interrupted run continues from its last checkpoint
+(`--resume`, every 200 steps), so the script resumes after an interruption.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "students" / "digits"
 RUNS = ROOT / "runs" / "students" / "digits"
 BIN = Path(sys.executable).parent
+CKPT_EVERY = 200  # a killed run resumes from its last checkpoint (quickstep-train fit --resume)
 
 # recipe -> --set overrides on the digits-scd preset
 RECIPES: dict[str, list[str]] = {
@@ -62,14 +64,26 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     run = RUNS / f"{name}-s{seed}"
     final = run / f"step-{steps:07d}"
     if not (final / "config.json").exists() or not (run / "wall_seconds.txt").exists():
-        if run.exists():
+        # an interrupted run continues from its last checkpoint (every 200 steps); its wall time adds up
+        done = sorted(run.glob("step-*/config.json"))
+        spent = float((run / "partial_seconds.txt").read_text()) if done and (run / "partial_seconds.txt").exists() \
+            else 0.0
+        if not done and run.exists():
             shutil.rmtree(run)
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
-                f"log.ckpt_every={steps}", *RECIPES[name]]
+                f"log.ckpt_every={CKPT_EVERY}", *RECIPES[name]]
         t0 = time.perf_counter()
-        _cli("fit", "--preset", "digits-scd", "--teacher", str(teacher), "--out", str(run), "--steps", str(steps),
-             *[a for s in sets for a in ("--set", s)])
-        (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        try:
+            if done:  # the saved config and teacher are reused
+                _cli("fit", "--resume", str(run), "--out", str(run), "--steps", str(steps))
+            else:
+                _cli("fit", "--preset", "digits-scd", "--teacher", str(teacher), "--out", str(run), "--steps",
+                     str(steps), *[a for s in sets for a in ("--set", s)])
+        finally:
+            spent += time.perf_counter() - t0
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "partial_seconds.txt").write_text(f"{spent:.1f}\n")
+        (run / "wall_seconds.txt").write_text(f"{spent:.1f}\n")
     report = _eval(run, run / "eval", n, "1,2", sweep=True)
     t = teacher_eval(teacher, n)
     res = {"recipe": name, "seed": seed, "steps": steps, "overrides": RECIPES[name], "teacher": teacher.name,
