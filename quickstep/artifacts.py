@@ -323,11 +323,15 @@ class CheckpointMeta(_Model):
         return DataSource.model_validate({**self.train["data"], "seed": int(self.train.get("seed", 0))})
 
 
+_V1_MODEL_DEFAULTS = {"sigma_data": 0.5, "logvar_channels": 64}  # format 1's ModelConfig defaults
+
+
 def migrate_checkpoint(raw: Any, where: str = CHECKPOINT_CONFIG) -> dict[str, Any]:
     """A checkpoint config.json of any known format version, as the current version's dict.
 
     1 -> 2: `kind` from the objectives (the consistency objectives of format 1: sct, scd, direct_cm, cd), the
-    sampler from the kind, the teacher's absolute path replaced by its hash (and no reference)."""
+    sampler from the kind, the teacher's absolute path replaced by its hash (and no reference), the model section's
+    omitted defaults (sigma_data 0.5, logvar_channels 64) filled in."""
     if not isinstance(raw, dict):
         raise ArtifactError(f"{where} is not a JSON object; not a Quickstep checkpoint config")
     if raw.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
@@ -350,6 +354,8 @@ def migrate_checkpoint(raw: Any, where: str = CHECKPOINT_CONFIG) -> dict[str, An
             "consistency" if _V1_CONSISTENCY_OBJECTIVES.intersection(names) else "diffusion")
         out["kind"] = kind
         out["teacher"] = _migrate_teacher(out.get("teacher"))
+        if isinstance(out["model"], dict):  # format 1 omitted the model defaults of its day
+            out["model"] = {**_V1_MODEL_DEFAULTS, **out["model"]}
         if isinstance(out.get("data"), dict):  # format 1 trainers (issue 23) wrote the class names top-level
             data = dict(out["data"])
             for key in ("class_names", "class_aliases"):

@@ -65,6 +65,18 @@ def test_format_1_checkpoints_migrate_with_their_kind(objectives, kind, sampler)
     assert CheckpointMeta.from_json(raw).kind == kind
 
 
+def test_format_1_model_section_gets_the_defaults_of_its_day():
+    meta = CheckpointMeta.from_json(_v1_checkpoint(["stf"]))
+    assert meta.model["sigma_data"] == 0.5 and meta.model["logvar_channels"] == 64
+    raw = _v1_checkpoint(["stf"])
+    raw["model"] = {**raw["model"], "sigma_data": 1.3, "logvar_channels": 0}  # values it wrote are kept
+    assert CheckpointMeta.from_json(raw).model["sigma_data"] == 1.3
+    assert CheckpointMeta.from_json(raw).model["logvar_channels"] == 0
+    # a current (format 2) section is read as written: nothing is filled in
+    raw2 = {**_v1_checkpoint(["stf"]), "format_version": 2, "kind": "diffusion"}
+    assert "sigma_data" not in CheckpointMeta.from_json(raw2).model
+
+
 def test_format_1_teacher_path_is_not_carried_over():
     meta = CheckpointMeta.from_json(_v1_checkpoint(["scd"], {"path": "/work/main/runs/t/step-1", "sha256": "ab"}))
     assert meta.teacher == TeacherRef(sha256="ab", ref=None)

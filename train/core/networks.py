@@ -95,8 +95,8 @@ class ModelConfig:
             raise ValueError(f"unknown backbone kind {kind!r}; expected 'unet' or 'mlp'")
         return ModelConfig(
             backbone=backbone,
-            sigma_data=float(d.get("sigma_data", 0.5)),
-            logvar_channels=int(d.get("logvar_channels", 64)),
+            sigma_data=float(d["sigma_data"]),  # format-1 files without it are migrated by quickstep.artifacts
+            logvar_channels=int(d["logvar_channels"]),
         )
 
     @property
