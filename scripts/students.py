@@ -165,13 +165,14 @@ def checkpoint_curve(run_dir: Path, log: list[dict[str, Any]], mixture, n: int) 
 
     t0 = float((run_dir / "fit_start.txt").read_text())  # wall clock when fit() began
     when = {r["step"]: r["time"] - t0 for r in log}
-    rows = []
+    rows, probe = [], None
     for d in sorted(run_dir.glob(f"{ckpt.CKPT_PREFIX}*")):
         step = int(d.name.removeprefix(ckpt.CKPT_PREFIX))
         model = ckpt.load_model(d, which="ema").eval()
         tm = t_max(sigma_data=model.sigma_data)
-        probe = ConsistencyMapProbe(mixture, sigma_data=model.sigma_data, n=256,
-                                    generator=torch.Generator().manual_seed(7))
+        if probe is None:  # the points and their exact maps Phi* (an ODE solve) are the same for every checkpoint
+            probe = ConsistencyMapProbe(mixture, sigma_data=model.sigma_data, n=256,
+                                        generator=torch.Generator().manual_seed(7))
         bands = probe(model)
         rows.append({"step": step, "seconds": when.get(step),
                      "one_step": quality(consistency_samples(model, n, 100, [tm]), mixture, 200),
@@ -330,10 +331,12 @@ def plots(mixtures: list[str], recipes: list[str] | None = None) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("1-step sliced W1", lambda q: q["one_step"]["sliced_w1"], "log"),
-              ("1-step log-likelihood", lambda q: q["one_step"]["log_likelihood"], "linear"),
-              ("2-step log-likelihood (t_mid 1.1)", lambda q: q["two_step"]["log_likelihood"], "linear"),
-              ("exact-map error E||f-Phi*||^2", lambda q: q["map_error_mean"], "log")]
+    # (title, value of a quality_curve row, y scale, the teacher's metric drawn as a reference line)
+    panels = [("1-step sliced W1", lambda q: q["one_step"]["sliced_w1"], "log", "sliced_w1"),
+              ("1-step log-likelihood", lambda q: q["one_step"]["log_likelihood"], "linear", "log_likelihood"),
+              ("2-step log-likelihood (t_mid 1.1)", lambda q: q["two_step"]["log_likelihood"], "linear",
+               "log_likelihood"),
+              ("exact-map error E||f-Phi*||^2", lambda q: q["map_error_mean"], "log", None)]
     out = []
     for mixture in mixtures:
         by: dict[str, list[dict[str, Any]]] = {}
@@ -349,15 +352,15 @@ def plots(mixtures: list[str], recipes: list[str] | None = None) -> list[Path]:
             n = min(len(r["quality_curve"]) for r in rs)
             steps = [rs[0]["quality_curve"][i]["step"] for i in range(n)]
             secs = [statistics.mean(r["quality_curve"][i]["seconds"] for r in rs) for i in range(n)]
-            for j, (_, get, _) in enumerate(panels):
+            for j, (_, get, _, _) in enumerate(panels):
                 vals = [[get(r["quality_curve"][i]) for r in rs] for i in range(n)]
                 mean = [statistics.mean(v) for v in vals]
                 for ax, x in ((axes[0, j], steps), (axes[1, j], secs)):
                     line, = ax.plot(x, mean, marker="o", ms=3, label=f"{name} ({len(rs)} seeds)")
                     ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], alpha=0.15,
                                     color=line.get_color())
-        for j, (title, _, scale) in enumerate(panels):
-            ref = {0: teacher["sliced_w1"], 1: teacher["log_likelihood"], 2: teacher["log_likelihood"]}.get(j)
+        for j, (title, _, scale, metric) in enumerate(panels):
+            ref = teacher[metric] if metric is not None else None
             for i, xl in enumerate(("training step", "training wall time (s, 1 thread, shared 2-core CPU)")):
                 ax = axes[i, j]
                 if ref is not None:
