@@ -58,9 +58,13 @@ ABLATIONS: dict[str, list[str]] = {
     "H0.5": ["objectives.{o}.warmup_frac=0.5"],
     "lr3e-4": ["optim.lr=3e-4"],
     "lr3e-3": ["optim.lr=3e-3"],
+    "cos": ["optim.decay=\"cosine\""],  # LR cosine-decayed to 0 over the run (after the warm-up)
+    "isqrt": ["optim.decay=\"inverse_sqrt\"", "optim.decay_ref_steps=400"],  # EDM2 / sCM's decay
     "ema5": ["ema.halflife_kimg=5.0"],
     "ema100": ["ema.halflife_kimg=100.0"],
     "pm-0.4": ["objectives.{o}.p_mean=-0.4"],
+    "pm0": ["objectives.{o}.p_mean=0.0"],
+    "ps1": ["objectives.{o}.p_std=1.0"],
     "ps2": ["objectives.{o}.p_std=2.0"],
     "prior": ["objectives.{o}.prior_weight=true"],
     "autograd": ["objectives.{o}.jvp=\"autograd\""],

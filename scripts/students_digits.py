@@ -30,6 +30,8 @@ OUT = ROOT / "docs" / "results" / "students" / "digits"
 RUNS = ROOT / "runs" / "students" / "digits"
 BIN = Path(sys.executable).parent
 CKPT_EVERY = 200  # a killed run resumes from its last checkpoint (quickstep-train fit --resume)
+DEFAULT_STEPS = 1200  # the bundle's student length (Makefile STUDENT_STEPS); other lengths are labelled <recipe>@<steps>
+CURVE_EVERY = 400  # runs longer than the default also score every 400-step checkpoint: FD against steps and wall time
 
 # recipe -> --set overrides on the digits-scd preset
 RECIPES: dict[str, list[str]] = {
@@ -56,12 +58,41 @@ def teacher_eval(teacher: Path, n: int) -> dict[str, Any]:
     return _eval(teacher, RUNS / f"eval-teacher-{teacher.name}", n, "18", sweep=False)
 
 
+def _wall_at_steps(run: Path) -> dict[int, float]:
+    """Training seconds at each logged step, from log.jsonl's wall-clock stamps (a gap of > 10 min between two log
+    lines is a resume after an interruption, and is not counted)."""
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    out, total, prev = {}, 0.0, None
+    for r in rows:
+        if prev is not None and 0 < r["time"] - prev < 600:
+            total += r["time"] - prev
+        prev = r["time"]
+        out[int(r["step"])] = total
+    return out
+
+
+def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:
+    """1- and 2-step FD of every CURVE_EVERY-step checkpoint before the last (its 2-step t_mid is the preset's)."""
+    wall = _wall_at_steps(run)
+    rows = []
+    for step in range(CURVE_EVERY, steps, CURVE_EVERY):
+        ckpt = run / f"step-{step:07d}"
+        if not (ckpt / "config.json").exists():
+            continue
+        rep = _eval(ckpt, run / f"eval-{step:07d}", n, "1,2", sweep=False)
+        fd = {q["steps"]: q["fd"] for q in rep["quality"]}
+        rows.append({"step": step, "fd_1": fd[1], "fd_2": fd[2],
+                     "train_seconds": wall.get(step, wall.get(max((s for s in wall if s <= step), default=0), 0.0))})
+    return rows
+
+
 def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
-    dest = OUT / f"{name}-s{seed}.json"
+    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+    dest = OUT / f"{label}-s{seed}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
         return dest
-    run = RUNS / f"{name}-s{seed}"
+    run = RUNS / f"{label}-s{seed}"
     final = run / f"step-{steps:07d}"
     if not (final / "config.json").exists() or not (run / "wall_seconds.txt").exists():
         # an interrupted run continues from its last checkpoint (every 200 steps); its wall time adds up
@@ -71,7 +102,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
         if not done and run.exists():
             shutil.rmtree(run)
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
-                f"log.ckpt_every={CKPT_EVERY}", *RECIPES[name]]
+                f"log.ckpt_every={CKPT_EVERY}", *(["log.keep_checkpoints=0"] if steps != DEFAULT_STEPS else []),
+                *RECIPES[name]]
         t0 = time.perf_counter()
         try:
             if done:  # the saved config and teacher are reused
@@ -86,7 +118,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
         (run / "wall_seconds.txt").write_text(f"{spent:.1f}\n")
     report = _eval(run, run / "eval", n, "1,2", sweep=True)
     t = teacher_eval(teacher, n)
-    res = {"recipe": name, "seed": seed, "steps": steps, "overrides": RECIPES[name], "teacher": teacher.name,
+    curve = fd_curve(run, steps, n) if steps != DEFAULT_STEPS else None
+    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "overrides": RECIPES[name], "teacher": teacher.name,
            "train_seconds": float((run / "wall_seconds.txt").read_text()),
            "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],
            "t_mid_sweep": report.get("t_mid_sweep"), "times": report.get("times"),
@@ -110,7 +143,7 @@ def summary() -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(OUT.glob("*.json")):
         r = json.loads(f.read_text())
-        by.setdefault(r["recipe"], []).append(r)
+        by.setdefault(r["recipe"] if r["steps"] == DEFAULT_STEPS else f"{r['recipe']}@{r['steps']}", []).append(r)
     lines = ["| recipe | seeds | teacher FD (35 NFE) | 1-step FD | 2-step FD | 1-step / teacher | 2-step / teacher | "
              "t_mid | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(by.items()):
@@ -128,7 +161,7 @@ def main() -> int:
     p.add_argument("--teacher", type=Path, default=ROOT / "runs" / "bundle-teacher")
     p.add_argument("--recipes", default="scd-noaw")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--summary", action="store_true")
     a = p.parse_args()

@@ -167,6 +167,11 @@ class OptimConfig(Section):
     eps: Float = 1e-8
     weight_decay: Float = 0.0
     warmup_steps: Int = 0  # linear LR warm-up
+    # LR decay after the warm-up: "constant"; "cosine" / "linear" to final_lr_ratio * lr at the last step;
+    # "inverse_sqrt" (EDM2, sCM): lr / sqrt(max(step / decay_ref_steps, 1))
+    decay: Literal["constant", "cosine", "linear", "inverse_sqrt"] = "constant"
+    final_lr_ratio: Float = Field(default=0.0, ge=0.0, le=1.0)
+    decay_ref_steps: Count = 1000
     grad_clip: Float = 0.0  # max global gradient norm; 0 = off
 
 

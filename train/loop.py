@@ -128,10 +128,17 @@ def ema_beta(cfg: TrainConfig, images_seen: int) -> float:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Base LR with a linear warm-up over `optim.warmup_steps`."""
-    if cfg.optim.warmup_steps > 0:
-        return cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps)
-    return cfg.optim.lr
+    """The LR at `step`: `optim.lr`, a linear warm-up over `optim.warmup_steps`, then `optim.decay` -- cosine or
+    linear from lr (end of warm-up) to final_lr_ratio * lr (last step), or EDM2's inverse square root."""
+    o = cfg.optim
+    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+    if o.decay == "inverse_sqrt":
+        return o.lr * warm / math.sqrt(max(step / o.decay_ref_steps, 1.0))
+    if o.decay == "constant":
+        return o.lr * warm
+    progress = min(1.0, max(0.0, (step - o.warmup_steps) / max(cfg.steps - 1 - o.warmup_steps, 1)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if o.decay == "cosine" else 1.0 - progress
+    return o.lr * warm * (o.final_lr_ratio + (1.0 - o.final_lr_ratio) * shape)
 
 
 EXACT_TEACHER_PREFIX = "gmm:"  # --teacher gmm:<preset>: the mixture's analytic PF-ODE as the teacher

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from quickstep.train.config import TrainConfig, build_config
+from quickstep.train.config import ConfigError, TrainConfig, build_config
 from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.data import gmm_preset
 from quickstep.train.loop import NonFiniteLossError, Trainer, config_from_checkpoint, ema_beta, learning_rate
@@ -136,6 +136,32 @@ def test_ema_and_warmup_schedules():
                       optim={"lr": 1.0, "warmup_steps": 10})
     assert ema_beta(cfg, 10_000) == pytest.approx(0.5 ** (100 / 1000))
     assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 50) == 1.0
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decay_runs_from_lr_after_warmup_to_the_final_ratio_at_the_last_step(decay):
+    cfg = tiny_config({"diffusion": {}}, steps=101,
+                      optim={"lr": 2.0, "warmup_steps": 10, "decay": decay, "final_lr_ratio": 0.1})
+    lrs = [learning_rate(cfg, s) for s in range(cfg.steps)]
+    assert lrs[9] == pytest.approx(2.0) and lrs[10] == pytest.approx(2.0)  # the decay starts where the warm-up ends
+    assert lrs[-1] == pytest.approx(0.2)  # the last step runs at final_lr_ratio * lr
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))  # non-increasing after the warm-up
+    mid = learning_rate(cfg, 55)  # half-way through the decay: both shapes are at the midpoint of lr and the floor
+    assert mid == pytest.approx(1.1)
+
+
+def test_inverse_sqrt_decay_is_edm2s():
+    cfg = tiny_config({"diffusion": {}}, steps=10_000, optim={"lr": 1.0, "decay": "inverse_sqrt",
+                                                               "decay_ref_steps": 100})
+    assert learning_rate(cfg, 50) == 1.0 and learning_rate(cfg, 100) == 1.0
+    assert learning_rate(cfg, 400) == pytest.approx(0.5) and learning_rate(cfg, 10_000) == pytest.approx(0.1)
+
+
+def test_lr_decay_rejects_unknown_schedules_and_ratios_with_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"optim.decay.*cosine"):
+        tiny_config({"diffusion": {}}, optim={"decay": "step"})
+    with pytest.raises(ConfigError, match=r"optim.final_lr_ratio"):
+        tiny_config({"diffusion": {}}, optim={"final_lr_ratio": 1.5})
 
 
 # ----------------------------------------------------------------------------------------------- DDP
