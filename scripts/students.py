@@ -200,19 +200,13 @@ def evaluate_teacher(path: Path, mixture, n: int) -> dict[str, Any]:
     return res
 
 
-def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: int, n: int) -> Path:
-    from quickstep.train.core import checkpoint as ckpt
-    from quickstep.train.data import gmm_preset
+def train_run(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: int) -> tuple[Path, float]:
+    """Train recipe `name` (once; a finished run is reused) and return its run directory and training wall time."""
     from quickstep.train.loop import Trainer
 
     label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"  # runs of another length are another recipe
-    dest = OUT / mixture_name / f"{label}-s{seed}.json"
-    if dest.exists():
-        print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
-        return dest
     preset, teacher_kind, init, sets = recipe(name)
     tdir = teacher_dir(mixture_name, teacher_steps)
-    mixture = gmm_preset(mixture_name)
     if init:
         sets = [*sets, f"init_from=\"{tdir}\""]
     teacher = None if teacher_kind is None else (str(tdir) if teacher_kind == "trained" else f"gmm:{mixture_name}")
@@ -220,27 +214,42 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     out = RUNS / mixture_name / f"{label}-s{seed}"
     done = out / f"step-{steps:07d}"
     if (done / "config.json").exists() and (out / "wall_seconds.txt").exists():
-        wall = float((out / "wall_seconds.txt").read_text())  # trained already: evaluate only
-    else:
-        if out.exists():
-            import shutil
+        return out, float((out / "wall_seconds.txt").read_text())  # trained already
+    if out.exists():
+        import shutil
 
-            shutil.rmtree(out)
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        tr = Trainer(cfg, out, teacher=teacher)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fit_start.txt").write_text(f"{time.time():.3f}\n")
-        tr.fit()
-        wall = time.perf_counter() - t0
-        (out / "wall_seconds.txt").write_text(f"{wall:.2f}\n")
+        shutil.rmtree(out)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    tr = Trainer(cfg, out, teacher=teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit_start.txt").write_text(f"{time.time():.3f}\n")
+    tr.fit()
+    wall = time.perf_counter() - t0
+    (out / "wall_seconds.txt").write_text(f"{wall:.2f}\n")
+    return out, wall
+
+
+def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: int, n: int) -> Path:
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.data import gmm_preset
+
+    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+    dest = OUT / mixture_name / f"{label}-s{seed}.json"
+    if dest.exists():
+        print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
+        return dest
+    preset, teacher_kind, init, sets = recipe(name)
+    tdir = teacher_dir(mixture_name, teacher_steps)
+    mixture = gmm_preset(mixture_name)
+    out, wall = train_run(mixture_name, name, seed, steps, teacher_steps)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "time": r["time"] - log[0]["time"], **{k: v for k, v in r.items()
              if k.startswith("map_err")}} for r in log]
     model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval()
     quality_curve = checkpoint_curve(out, log, mixture, n // 2)
     res = {"mixture": mixture_name, "recipe": label, "seed": seed, "steps": steps, "preset": preset,
-           "teacher": teacher_kind, "init_from_teacher": init, "overrides": sets[: len(sets) - int(init)],
+           "teacher": teacher_kind, "init_from_teacher": init, "overrides": sets,
            "train_seconds": wall, "teacher_eval": evaluate_teacher(tdir, mixture, n),
            **evaluate_student(model, mixture, n), "curve": curve, "quality_curve": quality_curve,
            "command": " ".join(["python scripts/students.py", *sys.argv[1:]])}
@@ -250,6 +259,57 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
           f"{res['one_step']['log_likelihood']:.3f} | 2-step (t_mid {res['two_step_t_mid']}) W1 "
           f"{res['two_step']['sliced_w1']:.4f} ll {res['two_step']['log_likelihood']:.3f} | map "
           f"{res['map_error_mean']:.4g} | {wall:.0f} s", flush=True)
+    return dest
+
+
+def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, teacher_steps: int,
+            n: int) -> Path:
+    """1- against 2-step at large n: every sample set is scored against ONE reference draw of the data (the 8000-sample
+    tables draw a fresh reference per sampler, whose noise is of the size of the 1-vs-2-step differences), with the
+    floor of a second true draw; the 2-step t_mid is chosen on another noise seed at n / 4.  Trains runs it lacks.
+    Writes <mixture>/rescore-n<n>.json."""
+    from quickstep.train.core import checkpoint as ckpt
+    from quickstep.train.core.sampling import heun_teacher_sample
+    from quickstep.train.core.trigflow import t_max
+    from quickstep.train.data import gmm_preset
+    from quickstep.train.eval.metrics import sliced_wasserstein
+
+    mixture = gmm_preset(mixture_name)
+    dest = OUT / mixture_name / f"rescore-n{n}.json"
+    res = json.loads(dest.read_text()) if dest.exists() else {}
+    g = torch.Generator().manual_seed(300)
+    ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
+
+    def score(x: torch.Tensor) -> dict[str, float]:
+        x = x.detach().to(torch.float64)
+        return {"sliced_w1": sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(1), p=1),
+                "log_likelihood": float(mixture.log_prob(x).mean())}
+
+    res["floor"] = score(floor)
+    if "teacher" not in res:
+        teacher = ckpt.load_model(teacher_dir(mixture_name, teacher_steps), which="ema").eval().requires_grad_(False)
+        z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(310))
+        res["teacher"] = score(heun_teacher_sample(teacher, z, num_steps=18))
+    for name in names:
+        label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+        for seed in seeds:
+            key = f"{label}-s{seed}"
+            if key in res.get("runs", {}):
+                continue
+            out, _ = train_run(mixture_name, name, seed, steps, teacher_steps)
+            model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval().requires_grad_(False)
+            tm = t_max(sigma_data=model.sigma_data)
+            sweep = {t: score(consistency_samples(model, n // 4, 311, [tm, t]))["sliced_w1"] for t in T_MID_GRID}
+            best = min(sweep, key=sweep.__getitem__)
+            row = {"one_step": score(consistency_samples(model, n, 310, [tm])),
+                   "two_step": score(consistency_samples(model, n, 312, [tm, best])), "t_mid": best,
+                   "two_step_t_mid_1.1": score(consistency_samples(model, n, 312, [tm, 1.1]))}
+            res.setdefault("runs", {})[key] = row
+            dest.write_text(json.dumps(res, indent=1))
+            print(f"{key}: 1-step W1 {row['one_step']['sliced_w1']:.5f} ll {row['one_step']['log_likelihood']:.3f}"
+                  f" | 2-step (t_mid {best}) W1 {row['two_step']['sliced_w1']:.5f} ll "
+                  f"{row['two_step']['log_likelihood']:.3f} | floor W1 {res['floor']['sliced_w1']:.5f}", flush=True)
+    dest.write_text(json.dumps(res, indent=1))
     return dest
 
 
@@ -394,6 +454,8 @@ def main() -> int:
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--n", type=int, default=8000)
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--rescore", type=int, metavar="N", help="1- against 2-step W1 / log-lik of --recipes at N samples "
+                   "against one reference draw (trains runs it lacks); writes <mixture>/rescore-n<N>.json")
     p.add_argument("--plots", action="store_true", help="write the map-error plots of --mixture (comma-separated)")
     p.add_argument("--analyse", nargs="*", metavar="RUN", help="weighting analysis of trained sCM runs (run names "
                    "under runs/students/<mixture>/, e.g. scd-s0); writes <mixture>/weighting-<run>.json")
@@ -414,6 +476,10 @@ def main() -> int:
         return 0
     if a.summary:
         print(summary(a.mixture))
+        return 0
+    if a.rescore:
+        print(rescore(a.mixture, a.recipes.split(","), [int(s) for s in a.seeds.split(",")], a.steps, a.teacher_steps,
+                      a.rescore).relative_to(ROOT))
         return 0
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in a.recipes.split(","):

@@ -1,4 +1,5 @@
-"""Which step of the 2-step sampler loses log-likelihood: swap each step of a trained student for the exact map Phi*.
+"""Which step of the 2-step sampler loses quality: swap each step of a trained student for the exact map Phi*, and
+report log-likelihood and sliced W1 (and the data floor of both).
 
     OMP_NUM_THREADS=1 python scripts/students_twostep.py ring8 scd+noaw-s0   (a run under runs/students/<mixture>/)
 """
@@ -28,13 +29,16 @@ def main(mixture: str, run: str, n: int = 4000) -> None:
     z0 = model.sigma_data * torch.randn(n, mix.dim, generator=g)
     z1 = model.sigma_data * torch.randn(n, mix.dim, generator=g)
 
-    def ll(x: torch.Tensor) -> float:
-        return round(students.quality(x, mix, 5)["log_likelihood"], 3)
+    def ll(x: torch.Tensor) -> str:
+        q = students.quality(x, mix, 5)
+        return f"ll {q['log_likelihood']:.3f} W1 {q['sliced_w1']:.4f}"
 
     first = {"student": model.consistency(z0, torch.full((n,), tm)),
              "exact": exact_consistency_map(mix, z0.double(), torch.full((n,), tm, dtype=torch.float64)).float()}
-    print(f"1-step log-lik: student {ll(first['student'])}, exact map {ll(first['exact'])}")
-    for tmid in (0.4, 0.8, 1.0, 1.2):
+    floor = students.quality(mix.sample(n, g), mix, 5)
+    print(f"data floor: ll {floor['log_likelihood']:.3f} W1 {floor['sliced_w1']:.4f}")
+    print(f"1-step: student {ll(first['student'])}, exact map {ll(first['exact'])}")
+    for tmid in (0.4, 0.7, 1.0, 1.2):
         t = torch.full((n,), tmid)
         for name, x0 in first.items():
             xm = torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * z1
