@@ -156,6 +156,44 @@ def summary() -> str:
     return "\n".join(lines)
 
 
+def plot() -> Path:
+    """docs/results/students/digits-fd-vs-compute.png: 1- and 2-step FD against training steps and wall time. Runs
+    longer than the default draw their whole curve (every CURVE_EVERY-step checkpoint, the last one at its swept
+    t_mid); default-length runs are one point each. The teacher's 35-NFE FD is dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, k in enumerate((1, 2)):
+        for row, xkey in enumerate(("step", "train_seconds")):
+            ax = axes[row, col]
+            for r in runs:
+                final = {"step": r["steps"], "train_seconds": r["train_seconds"],
+                         f"fd_{k}": next(q["fd"] for q in r["quality"] if q["steps"] == k)}
+                pts = [(c[xkey], c[f"fd_{k}"]) for c in [*(r.get("fd_curve") or []), final]]
+                label = f"{r['recipe']}{'' if r['steps'] == DEFAULT_STEPS else '@' + str(r['steps'])} s{r['seed']}"
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.5 if len(pts) > 1 else 0, label=label)
+            teacher = runs[0]["teacher_fd_35nfe"]
+            ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher, Heun 35 NFE")
+            ratio = 1.25 if k == 1 else 1.05
+            ax.axhline(ratio * teacher, color="g", ls=":", lw=1, label=f"target: {ratio}x the teacher")
+            ax.set_xlabel("student training step (batch 64)" if xkey == "step"
+                          else "training wall time (s, 1 thread, shared 2-core CPU)")
+            ax.set_ylabel("FD (digits classifier, train split, n = 1000)")
+            ax.set_title(f"{k}-step sampler", fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("digits sCD students from one digits-stf teacher: FD against training compute")
+    fig.tight_layout()
+    path = OUT.parent / "digits-fd-vs-compute.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", type=Path, default=ROOT / "runs" / "bundle-teacher")
@@ -164,9 +202,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--plots", action="store_true", help="write docs/results/students/digits-fd-vs-compute.png")
     a = p.parse_args()
     if a.summary:
         print(summary())
+        return 0
+    if a.plots:
+        print(plot().relative_to(ROOT))
         return 0
     for name in a.recipes.split(","):
         if name not in RECIPES:
