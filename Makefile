@@ -61,11 +61,12 @@ clean:
 # Rebuild the bundled default model from scratch: teacher -> sCD student -> export -> report.
 RUNS ?= runs
 TEACHER_STEPS ?= 4000
-STUDENT_STEPS ?= 1200
+STUDENT_STEPS ?= 2400
 BUNDLE ?= serve/bundled/digits-scd
 pipeline: install-dev
 	$(BIN)/quickstep-train fit --preset digits-stf --out $(RUNS)/teacher --steps $(TEACHER_STEPS)
 	$(BIN)/quickstep-train fit --preset digits-scd --teacher $(RUNS)/teacher --out $(RUNS)/student --steps $(STUDENT_STEPS)
+	$(BIN)/quickstep-train eval --ckpt $(RUNS)/student --n 1000 --steps 1,2 --sweep-t-mid --record-times --out $(RUNS)/student-eval
 	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student --out $(BUNDLE) --steps 1,2 --name digits-scd
 	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --teacher $(RUNS)/teacher --out $(RUNS)/report
 	$(BIN)/quickstep-export verify $(BUNDLE)

@@ -135,9 +135,10 @@ def test_the_config_is_frozen():
 
 
 def test_a_config_saved_by_an_older_version_reads_as_it_meant():
-    """Before the typed backbone a checkpoint saved only the backbone keys its preset set (the bundled digits-scd
-    has no time_scale): a missing key meant the core default, time_scale 1000."""
-    saved = json.loads((ROOT / "serve" / "bundled" / "digits-scd" / "config.json").read_text())["train"]
+    """Before the typed backbone a checkpoint saved only the backbone keys its preset set (the digits-scd bundle
+    shipped until 2026-12-02, whose config.json is kept here, has no time_scale): a missing key meant the core
+    default, time_scale 1000."""
+    saved = json.loads((ROOT / "tests" / "train" / "data" / "digits-scd-config-2026-12-01.json").read_text())["train"]
     assert "time_scale" not in saved["model"]["backbone"]
     cfg = TrainConfig.from_dict(saved)
     assert cfg.model.backbone.time_scale == 1000.0 and cfg.model.backbone.model_channels == 32
