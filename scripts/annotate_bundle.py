@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.run:
         name, rest = spec.split("=", 1)
         where, command = rest.split(":", 1)
-        path, _, step = where.partition("@")
+        path, sep, step = where.rpartition("@")
+        if not (sep and step.isdigit()):  # no @STEP: an "@" inside the directory name (e.g. scd-noaw@2400-s0) stays
+            path, step = where, ""
         runs[name] = {"command": command, "run_dir": path,
                       **run_summary(Path(path), int(step) if step else None)}
     manifest = read_manifest(args.bundle)

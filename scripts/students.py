@@ -202,11 +202,16 @@ def evaluate_teacher(path: Path, mixture, n: int) -> dict[str, Any]:
     return res
 
 
+def run_label(name: str, steps: int) -> str:
+    """A recipe's name in run directories and results: runs of another length than the default are another recipe."""
+    return name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+
+
 def train_run(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: int) -> tuple[Path, float]:
     """Train recipe `name` (once; a finished run is reused) and return its run directory and training wall time."""
     from quickstep.train.loop import Trainer
 
-    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"  # runs of another length are another recipe
+    label = run_label(name, steps)
     preset, teacher_kind, init, sets = recipe(name)
     tdir = teacher_dir(mixture_name, teacher_steps)
     if init:
@@ -236,7 +241,7 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     from quickstep.train.core import checkpoint as ckpt
     from quickstep.train.data import gmm_preset
 
-    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+    label = run_label(name, steps)
     dest = OUT / mixture_name / f"{label}-s{seed}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
@@ -293,7 +298,7 @@ def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, t
         z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(310))
         res["teacher"] = score(heun_teacher_sample(teacher, z, num_steps=18))
     for name in names:
-        label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+        label = run_label(name, steps)
         for seed in seeds:
             key = f"{label}-s{seed}"
             if key in res.get("runs", {}):

@@ -58,6 +58,11 @@ def teacher_eval(teacher: Path, n: int) -> dict[str, Any]:
     return _eval(teacher, RUNS / f"eval-teacher-{teacher.name}", n, "18", sweep=False)
 
 
+def run_label(name: str, steps: int) -> str:
+    """A recipe's name in run directories and results: runs of another length than the default are another recipe."""
+    return name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+
+
 def _wall_at_steps(run: Path) -> dict[int, float]:
     """Training seconds at each logged step, from log.jsonl's wall-clock stamps (a gap of > 10 min between two log
     lines is a resume after an interruption, and is not counted)."""
@@ -82,12 +87,12 @@ def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:
         rep = _eval(ckpt, run / f"eval-{step:07d}", n, "1,2", sweep=False)
         fd = {q["steps"]: q["fd"] for q in rep["quality"]}
         rows.append({"step": step, "fd_1": fd[1], "fd_2": fd[2],
-                     "train_seconds": wall.get(step, wall.get(max((s for s in wall if s <= step), default=0), 0.0))})
+                     "train_seconds": wall.get(max((s for s in wall if s <= step), default=-1), 0.0)})
     return rows
 
 
 def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
-    label = name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+    label = run_label(name, steps)
     dest = OUT / f"{label}-s{seed}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
@@ -119,7 +124,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     report = _eval(run, run / "eval", n, "1,2", sweep=True)
     t = teacher_eval(teacher, n)
     curve = fd_curve(run, steps, n) if steps != DEFAULT_STEPS else None
-    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "overrides": RECIPES[name], "teacher": teacher.name,
+    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "overrides": RECIPES[name],
+           "teacher": teacher.name,
            "train_seconds": float((run / "wall_seconds.txt").read_text()),
            "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],
            "t_mid_sweep": report.get("t_mid_sweep"), "times": report.get("times"),
@@ -143,7 +149,7 @@ def summary() -> str:
     by: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(OUT.glob("*.json")):
         r = json.loads(f.read_text())
-        by.setdefault(r["recipe"] if r["steps"] == DEFAULT_STEPS else f"{r['recipe']}@{r['steps']}", []).append(r)
+        by.setdefault(run_label(r["recipe"], r["steps"]), []).append(r)
     lines = ["| recipe | seeds | teacher FD (35 NFE) | 1-step FD | 2-step FD | 1-step / teacher | 2-step / teacher | "
              "t_mid | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(by.items()):
@@ -174,7 +180,7 @@ def plot() -> Path:
                 final = {"step": r["steps"], "train_seconds": r["train_seconds"],
                          f"fd_{k}": next(q["fd"] for q in r["quality"] if q["steps"] == k)}
                 pts = [(c[xkey], c[f"fd_{k}"]) for c in [*(r.get("fd_curve") or []), final]]
-                label = f"{r['recipe']}{'' if r['steps'] == DEFAULT_STEPS else '@' + str(r['steps'])} s{r['seed']}"
+                label = f"{run_label(r['recipe'], r['steps'])} s{r['seed']}"
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.5 if len(pts) > 1 else 0, label=label)
             teacher = runs[0]["teacher_fd_35nfe"]
             ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher, Heun 35 NFE")
