@@ -42,6 +42,9 @@ RECIPES: dict[str, tuple[str, str | None, bool, list[str]]] = {
     # the committed gmm2d-scd preset as it is (adaptive weighting off, lr 3e-4), from the trained / exact teacher
     "scd-final": ("gmm2d-scd", "trained", False, []),
     "scd-final-exact": ("gmm2d-scd", "exact", True, []),
+    # the exact teacher with a student trained from scratch (the preset's [model], not the teacher's weights), so
+    # that its width can be ablated (+w256): is the 2-step log-lik gap the student's capacity?
+    "scd-exact-scratch": ("gmm2d-scd", "exact", False, []),
     "direct-cm": ("gmm2d-direct-cm", "trained", False, []),
     "cd": ("gmm2d-cd", "trained", False, []),
     "direct-cm-exact": ("gmm2d-direct-cm", "exact", True, []),
@@ -60,6 +63,7 @@ ABLATIONS: dict[str, list[str]] = {
     "lr3e-3": ["optim.lr=3e-3"],
     "cos": ["optim.decay=\"cosine\""],  # LR cosine-decayed to 0 over the run (after the warm-up)
     "isqrt": ["optim.decay=\"inverse_sqrt\"", "optim.decay_ref_steps=400"],  # EDM2 / sCM's decay
+    "w256": ["model.backbone.hidden=256"],  # a 2x wider student MLP (only with a student trained from scratch)
     "ema5": ["ema.halflife_kimg=5.0"],
     "ema100": ["ema.halflife_kimg=100.0"],
     "pm-0.4": ["objectives.{o}.p_mean=-0.4"],

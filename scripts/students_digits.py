@@ -1,10 +1,12 @@
-"""Issue 17 on digits: sCD students from one digits-stf teacher, with and without sCM's learned adaptive weighting,
-scored by FD (digits classifier features, train split) at 1 and 2 steps against the teacher's 35-NFE FD.
+"""Issue 17 on digits: consistency students from one digits-stf teacher -- sCD with and without sCM's learned adaptive
+weighting, sCT tuned from the teacher's weights, Direct CM and CD -- scored by FD (digits classifier features, train
+split) at 1 and 2 steps against the teacher's 35-NFE FD.
 
-    python scripts/students_digits.py --teacher runs/bundle-teacher --recipes scd-noaw --seeds 0,1,2
+    python scripts/students_digits.py --teacher runs/bundle-teacher --recipes scd-noaw,sct-tuned,dcm,cd --seeds 0,1,2
     python scripts/students_digits.py --summary
 
-Each run is the real CLI a user runs -- `quickstep-train fit --preset digits-scd --teacher T ...` and then
+Each run is the real CLI a user runs -- `quickstep-train fit --preset digits-<method> --teacher T ...` (sCT:
+`--set init_from=T`) and then
 `quickstep-train eval --ckpt RUN --n N --sweep-t-mid --record-times` (the chosen 2-step times go into the
 checkpoint, ready for `quickstep-export`) -- and writes docs/results/students/digits/<recipe>-s<seed>.json
 (the eval report's quality rows, the t_mid sweep, the training wall time). Finished runs are skipped and a run
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +36,25 @@ CKPT_EVERY = 200  # a killed run resumes from its last checkpoint (quickstep-tra
 DEFAULT_STEPS = 1200  # the bundle's student length (Makefile STUDENT_STEPS); other lengths are labelled <recipe>@<steps>
 CURVE_EVERY = 400  # runs longer than the default also score every 400-step checkpoint: FD against steps and wall time
 
-# recipe -> --set overrides on the digits-scd preset
-RECIPES: dict[str, list[str]] = {
-    "scd-aw": ["objectives.scd.adaptive_weighting=true"],  # sCM's learned adaptive weighting (the paper's default)
-    "scd-noaw": ["objectives.scd.adaptive_weighting=false"],  # issue 17's fix on the mixtures
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A student recipe: the digits preset it starts from, how it is given the teacher, and --set overrides."""
+
+    preset: str
+    overrides: tuple[str, ...] = ()
+    init_only: bool = False  # True: the teacher only initialises the weights (init_from=...), no --teacher
+
+
+RECIPES: dict[str, Recipe] = {
+    # sCD with sCM's learned adaptive weighting (the paper's default) and without it (issue 17's fix on the mixtures)
+    "scd-aw": Recipe("digits-scd", ("objectives.scd.adaptive_weighting=true",)),
+    "scd-noaw": Recipe("digits-scd", ("objectives.scd.adaptive_weighting=false",)),
+    # the other consistency students, each from its own preset, all from the same teacher
+    "sct-tuned": Recipe("digits-sct-tuned", init_only=True),  # sCT from the teacher's weights (ECT-style tuning)
+    "dcm": Recipe("digits-direct-cm"),  # Direct CM: regress onto the teacher's full Heun PF-ODE solution
+    "cd": Recipe("digits-cd"),  # discrete-time consistency distillation (one teacher Heun step)
 }
 
 
@@ -106,16 +124,17 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
             else 0.0
         if not done and run.exists():
             shutil.rmtree(run)
+        recipe = RECIPES[name]
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
                 f"log.ckpt_every={CKPT_EVERY}", *(["log.keep_checkpoints=0"] if steps != DEFAULT_STEPS else []),
-                *RECIPES[name]]
+                *([f"init_from={teacher}"] if recipe.init_only else []), *recipe.overrides]
         t0 = time.perf_counter()
         try:
             if done:  # the saved config and teacher are reused
                 _cli("fit", "--resume", str(run), "--out", str(run), "--steps", str(steps))
             else:
-                _cli("fit", "--preset", "digits-scd", "--teacher", str(teacher), "--out", str(run), "--steps",
-                     str(steps), *[a for s in sets for a in ("--set", s)])
+                _cli("fit", "--preset", recipe.preset, *([] if recipe.init_only else ["--teacher", str(teacher)]),
+                     "--out", str(run), "--steps", str(steps), *[a for s in sets for a in ("--set", s)])
         finally:
             spent += time.perf_counter() - t0
             run.mkdir(parents=True, exist_ok=True)
@@ -124,7 +143,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     report = _eval(run, run / "eval", n, "1,2", sweep=True)
     t = teacher_eval(teacher, n)
     curve = fd_curve(run, steps, n) if steps != DEFAULT_STEPS else None
-    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "overrides": RECIPES[name],
+    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "preset": RECIPES[name].preset,
+           "overrides": list(RECIPES[name].overrides),
            "teacher": teacher.name,
            "train_seconds": float((run / "wall_seconds.txt").read_text()),
            "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],
@@ -192,7 +212,7 @@ def plot() -> Path:
             ax.set_title(f"{k}-step sampler", fontsize=10)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("digits sCD students from one digits-stf teacher: FD against training compute")
+    fig.suptitle("digits consistency students from one digits-stf teacher: FD against training compute")
     fig.tight_layout()
     path = OUT.parent / "digits-fd-vs-compute.png"
     fig.savefig(path, dpi=100)
