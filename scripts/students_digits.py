@@ -37,7 +37,6 @@ DEFAULT_STEPS = 1200  # the bundle's student length (Makefile STUDENT_STEPS); ot
 CURVE_EVERY = 400  # runs longer than the default also score every 400-step checkpoint: FD against steps and wall time
 
 
-
 @dataclass(frozen=True)
 class Recipe:
     """A student recipe: the digits preset it starts from, how it is given the teacher, and --set overrides."""
@@ -110,7 +109,7 @@ def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:
 
 
 def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
-    label = run_label(name, steps)
+    label, recipe = run_label(name, steps), RECIPES[name]
     dest = OUT / f"{label}-s{seed}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
@@ -124,7 +123,6 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
             else 0.0
         if not done and run.exists():
             shutil.rmtree(run)
-        recipe = RECIPES[name]
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
                 f"log.ckpt_every={CKPT_EVERY}", *(["log.keep_checkpoints=0"] if steps != DEFAULT_STEPS else []),
                 *([f"init_from={teacher}"] if recipe.init_only else []), *recipe.overrides]
@@ -143,8 +141,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     report = _eval(run, run / "eval", n, "1,2", sweep=True)
     t = teacher_eval(teacher, n)
     curve = fd_curve(run, steps, n) if steps != DEFAULT_STEPS else None
-    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "preset": RECIPES[name].preset,
-           "overrides": list(RECIPES[name].overrides),
+    res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "preset": recipe.preset,
+           "overrides": list(recipe.overrides),
            "teacher": teacher.name,
            "train_seconds": float((run / "wall_seconds.txt").read_text()),
            "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],
