@@ -59,7 +59,9 @@ ABLATIONS: dict[str, list[str]] = {
     "l2": ["objectives.{o}.tangent_norm=\"l2\""],
     "H0": ["objectives.{o}.warmup_frac=0.0"],
     "H0.5": ["objectives.{o}.warmup_frac=0.5"],
+    "lr1e-4": ["optim.lr=1e-4"],
     "lr3e-4": ["optim.lr=3e-4"],
+    "lr1e-3": ["optim.lr=1e-3"],
     "lr3e-3": ["optim.lr=3e-3"],
     "cos": ["optim.decay=\"cosine\""],  # LR cosine-decayed to 0 over the run (after the warm-up)
     "isqrt": ["optim.decay=\"inverse_sqrt\"", "optim.decay_ref_steps=400"],  # EDM2 / sCM's decay

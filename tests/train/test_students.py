@@ -75,6 +75,10 @@ def test_t_mid_is_recorded_by_the_trainer_and_by_the_eval_sweep(tmp_path):
     chosen = rep["t_mid_sweep"]["chosen"]
     assert chosen in T_MID_GRID and len(rep["t_mid_sweep"]["scores"]) == len(T_MID_GRID)
     assert rep["t_mid_sweep"]["scores"][T_MID_GRID.index(chosen)] == min(rep["t_mid_sweep"]["scores"])
+    sweep = rep["t_mid_sweep"]
+    assert sweep["two_step_gain"] == pytest.approx(sweep["one_step_score"] - min(sweep["scores"]))
+    # a 2-step-trained student either gains from its second step or the report says to serve it with steps=1
+    assert (sweep["two_step_gain"] >= 0) == ("warnings" not in rep)
     assert ckpt.recorded_times(ckpt.load_config(path))[2] == [tm, chosen]
     assert rep["times"]["2"] == [tm, chosen]
     # eval reports the exact consistency-map error per sigma band for students on mixture data
@@ -141,3 +145,13 @@ def test_adaptive_weighting_switch():
     assert model.logvar_head.linear.bias.grad is None
     on.loss.mean().backward()
     assert model.logvar_head.linear.bias.grad is not None
+
+
+def test_two_step_warning_names_both_scores_only_when_the_second_step_loses():
+    from quickstep.train.eval.report import two_step_warning
+
+    sweep = {"grid": [0.2, 0.4], "scores": [0.031, 0.030], "chosen": 0.4, "one_step_score": 0.025, "seed": 7, "n": 64,
+             "two_step_gain": 0.025 - 0.030}
+    msg = two_step_warning(sweep, "sliced W1")
+    assert msg is not None and "t_mid 0.4" in msg and "0.03" in msg and "0.025" in msg and "steps=1" in msg
+    assert two_step_warning({**sweep, "one_step_score": 0.04, "two_step_gain": 0.01}, "FD") is None

@@ -57,6 +57,8 @@ def eval_command(
                                  progress=not no_progress, sweep_t_mid=sweep_t_mid, record_times=record_times)
     for row in report["quality"]:
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
+    for w in report.get("warnings", []):
+        typer.secho(f"warning: {w}", fg="yellow", err=True)
     print(f"wrote {out}/report.json, report.md and {len(report['figures'])} figures in {report['seconds']:.1f} s")
 
 

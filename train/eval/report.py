@@ -119,15 +119,28 @@ def t_mid_sweep(model, score_fn, *, n: int, seed: int, grid: Sequence[float] = T
                 device: torch.device | str = "cpu") -> dict[str, Any]:
     """The 2-step sampler's intermediate time as a property of the model: 2-step samples at every t_mid of `grid`
     (same noise), scored by `score_fn(SampleRun) -> float` (lower is better), on noise seed `seed` (use a
-    different seed for the reported numbers).  Returns {'grid', 'scores', 'chosen', 'times': [t_max, chosen]}."""
+    different seed for the reported numbers), beside the 1-step sampler on the same noise.  Returns {'grid',
+    'scores', 'chosen', 'times': [t_max, chosen], 'one_step_score', 'two_step_gain'} (gain = 1-step score minus the
+    chosen 2-step score: negative means a second step makes this student worse)."""
     from ..core.trigflow import t_max
 
     tm = t_max(sigma_data=model.sigma_data)
     scores = [float(score_fn(generate(model, "consistency", 2, n, seed=seed, device=device, ts=[tm, float(t)])))
               for t in grid]
+    one = float(score_fn(generate(model, "consistency", 1, n, seed=seed, device=device, ts=[tm])))
     best = min(range(len(grid)), key=lambda i: scores[i])
     return {"grid": [float(t) for t in grid], "scores": scores, "chosen": float(grid[best]),
-            "times": [tm, float(grid[best])], "n": n, "seed": seed}
+            "times": [tm, float(grid[best])], "n": n, "seed": seed, "one_step_score": one,
+            "two_step_gain": one - scores[best]}
+
+
+def two_step_warning(sweep: dict[str, Any], metric: str) -> str | None:
+    """The eval report's warning when no swept t_mid beats one step (issue 17: two steps must not be worse than one)."""
+    if sweep["two_step_gain"] >= 0:
+        return None
+    return (f"2 steps are worse than 1 at every swept t_mid: the best, t_mid {sweep['chosen']}, scores {metric} "
+            f"{sweep['scores'][sweep['grid'].index(sweep['chosen'])]:.5g} against 1 step's {sweep['one_step_score']:.5g} "
+            f"(noise seed {sweep['seed']}, n {sweep['n']}); serve this student with steps=1")
 
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -152,6 +165,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
     if report.get("map_error"):
         lines += ["## Exact consistency-map error E||f(x_t, t) - Phi*(x_t, t)||^2 per sigma band", "",
                   markdown_table(report["map_error"], list(report["map_error"][0])), ""]
+    if report.get("t_mid_sweep"):
+        sw = report["t_mid_sweep"]
+        lines += [f"2-step t_mid sweep (noise seed {sw['seed']}, n {sw['n']}): chosen {sw['chosen']}, 1-step score "
+                  f"{fmt(sw['one_step_score'])}, gain of the second step {fmt(sw['two_step_gain'])}", "",
+                  markdown_table([{"t_mid": t, "score": v} for t, v in zip(sw["grid"], sw["scores"], strict=True)],
+                                 ["t_mid", "score"]), ""]
+    for w in report.get("warnings", []):
+        lines += [f"**Warning:** {w}", ""]
     if report.get("times"):
         lines += ["Consistency sampler times: " + ", ".join(f"{k} step(s): {[round(t, 4) for t in v]}"
                                                             for k, v in report["times"].items()), ""]
@@ -240,6 +261,9 @@ def evaluate_checkpoint(
         bar.set_postfix_str("t_mid sweep")
         sweep = t_mid_sweep(model, score, n=n, seed=seed + 7, device=device)
         report["t_mid_sweep"] = sweep
+        warning = two_step_warning(sweep, "sliced W1" if mixture is not None else "FD")
+        if warning:
+            report.setdefault("warnings", []).append(warning)
         times = {**times, 1: [sweep["times"][0]], 2: sweep["times"]}
         if record_times:
             ckpt_io.record_times(path, {1: times[1], 2: times[2]})
@@ -345,4 +369,4 @@ def evaluate_checkpoint(
 
 
 __all__ = ["SampleRun", "dataset_args", "evaluate_checkpoint", "generate", "markdown_table", "model_images",
-           "t_mid_sweep", "write_markdown"]
+           "t_mid_sweep", "two_step_warning", "write_markdown"]
