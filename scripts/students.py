@@ -275,12 +275,21 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     return dest
 
 
+def t_mid_not_worse(sweep: dict[float, dict[str, float]], one: dict[str, float]) -> float | None:
+    """The t_mid of lowest sliced W1 among those whose 2-step samples are no worse than 1 step in BOTH sliced W1 and
+    log-likelihood (scored on the same selection noise); None when there is none."""
+    ok = [t for t, q in sweep.items()
+          if q["sliced_w1"] <= one["sliced_w1"] and q["log_likelihood"] >= one["log_likelihood"]]
+    return min(ok, key=lambda t: sweep[t]["sliced_w1"]) if ok else None
+
+
 def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, teacher_steps: int,
-            n: int) -> Path:
+            n: int, select: str = "w1") -> Path:
     """1- against 2-step at large n: every sample set is scored against ONE reference draw of the data (the 8000-sample
     tables draw a fresh reference per sampler, whose noise is of the size of the 1-vs-2-step differences), with the
     floor of a second true draw; the 2-step t_mid is chosen on another noise seed at n / 4.  Trains runs it lacks.
-    Writes <mixture>/rescore-n<n>.json."""
+    Writes <mixture>/rescore-n<n>.json.  select="w1+ll" also chooses the t_mid of `t_mid_not_worse` (fifth session)
+    and writes <mixture>/rescore-n<n>-w1+ll.json."""
     from quickstep.train.core import checkpoint as ckpt
     from quickstep.train.core.sampling import heun_teacher_sample
     from quickstep.train.core.trigflow import t_max
@@ -288,7 +297,7 @@ def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, t
     from quickstep.train.eval.metrics import sliced_wasserstein
 
     mixture = gmm_preset(mixture_name)
-    dest = OUT / mixture_name / f"rescore-n{n}.json"
+    dest = OUT / mixture_name / (f"rescore-n{n}.json" if select == "w1" else f"rescore-n{n}-{select}.json")
     res = json.loads(dest.read_text()) if dest.exists() else {}
     g = torch.Generator().manual_seed(300)
     ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
@@ -312,16 +321,23 @@ def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, t
             out, _ = train_run(mixture_name, name, seed, steps, teacher_steps)
             model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval().requires_grad_(False)
             tm = t_max(sigma_data=model.sigma_data)
-            sweep = {t: score(consistency_samples(model, n // 4, 311, [tm, t]))["sliced_w1"] for t in T_MID_GRID}
-            best = min(sweep, key=sweep.__getitem__)
+            sweep = {t: score(consistency_samples(model, n // 4, 311, [tm, t])) for t in T_MID_GRID}
+            best = min(sweep, key=lambda t: sweep[t]["sliced_w1"])
             row = {"one_step": score(consistency_samples(model, n, 310, [tm])),
                    "two_step": score(consistency_samples(model, n, 312, [tm, best])), "t_mid": best,
                    "two_step_t_mid_1.1": score(consistency_samples(model, n, 312, [tm, 1.1]))}
+            if select == "w1+ll":
+                both = t_mid_not_worse(sweep, score(consistency_samples(model, n // 4, 311, [tm])))
+                row["t_mid_not_worse"] = both
+                if both is not None:
+                    row["two_step_not_worse"] = score(consistency_samples(model, n, 312, [tm, both]))
             res.setdefault("runs", {})[key] = row
             dest.write_text(json.dumps(res, indent=1))
             print(f"{key}: 1-step W1 {row['one_step']['sliced_w1']:.5f} ll {row['one_step']['log_likelihood']:.3f}"
                   f" | 2-step (t_mid {best}) W1 {row['two_step']['sliced_w1']:.5f} ll "
-                  f"{row['two_step']['log_likelihood']:.3f} | floor W1 {res['floor']['sliced_w1']:.5f}", flush=True)
+                  f"{row['two_step']['log_likelihood']:.3f} | floor W1 {res['floor']['sliced_w1']:.5f}"
+                  + (f" | not worse: t_mid {row.get('t_mid_not_worse')} {row.get('two_step_not_worse')}"
+                     if select != "w1" else ""), flush=True)
     dest.write_text(json.dumps(res, indent=1))
     return dest
 
@@ -491,6 +507,8 @@ def main() -> int:
     p.add_argument("--summary", action="store_true")
     p.add_argument("--rescore", type=int, metavar="N", help="1- against 2-step W1 / log-lik of --recipes at N samples "
                    "against one reference draw (trains runs it lacks); writes <mixture>/rescore-n<N>.json")
+    p.add_argument("--select", choices=("w1", "w1+ll"), default="w1", help="--rescore's 2-step t_mid: lowest W1, or "
+                   "also the lowest W1 among those no worse than 1 step in W1 and log-lik (rescore-n<N>-w1+ll.json)")
     p.add_argument("--plots", action="store_true", help="write the map-error plots of --mixture (comma-separated)")
     p.add_argument("--analyse", nargs="*", metavar="RUN", help="weighting analysis of trained sCM runs (run names "
                    "under runs/students/<mixture>/, e.g. scd-s0); writes <mixture>/weighting-<run>.json")
@@ -514,7 +532,7 @@ def main() -> int:
         return 0
     if a.rescore:
         print(rescore(a.mixture, a.recipes.split(","), [int(s) for s in a.seeds.split(",")], a.steps, a.teacher_steps,
-                      a.rescore).relative_to(ROOT))
+                      a.rescore, a.select).relative_to(ROOT))
         return 0
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in a.recipes.split(","):
