@@ -20,6 +20,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,22 @@ def run_one(mixture_name: str, name: str, seed: int, steps: int, teacher_steps: 
     return dest
 
 
+def one_reference(mixture, n: int) -> tuple[Callable[[torch.Tensor], dict[str, float]], torch.Tensor]:
+    """The large-n scorer: sliced W1 (256 directions) against ONE reference draw of n true samples (seed 300) and the
+    mean exact log-likelihood; also a second true draw of n, whose score is the floor."""
+    from quickstep.train.eval.metrics import sliced_wasserstein
+
+    g = torch.Generator().manual_seed(300)
+    ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
+
+    def score(x: torch.Tensor) -> dict[str, float]:
+        x = x.detach().to(torch.float64)
+        return {"sliced_w1": sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(1), p=1),
+                "log_likelihood": float(mixture.log_prob(x).mean())}
+
+    return score, floor
+
+
 def t_mid_not_worse(sweep: dict[float, dict[str, float]], one: dict[str, float]) -> float | None:
     """The t_mid of lowest sliced W1 among those whose 2-step samples are no worse than 1 step in BOTH sliced W1 and
     log-likelihood (scored on the same selection noise); None when there is none."""
@@ -294,19 +311,11 @@ def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, t
     from quickstep.train.core.sampling import heun_teacher_sample
     from quickstep.train.core.trigflow import t_max
     from quickstep.train.data import gmm_preset
-    from quickstep.train.eval.metrics import sliced_wasserstein
 
     mixture = gmm_preset(mixture_name)
     dest = OUT / mixture_name / (f"rescore-n{n}.json" if select == "w1" else f"rescore-n{n}-{select}.json")
     res = json.loads(dest.read_text()) if dest.exists() else {}
-    g = torch.Generator().manual_seed(300)
-    ref, floor = mixture.sample(n, g, dtype=torch.float64), mixture.sample(n, g, dtype=torch.float64)
-
-    def score(x: torch.Tensor) -> dict[str, float]:
-        x = x.detach().to(torch.float64)
-        return {"sliced_w1": sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(1), p=1),
-                "log_likelihood": float(mixture.log_prob(x).mean())}
-
+    score, floor = one_reference(mixture, n)
     res["floor"] = score(floor)
     if "teacher" not in res:
         teacher = ckpt.load_model(teacher_dir(mixture_name, teacher_steps), which="ema").eval().requires_grad_(False)

@@ -21,7 +21,6 @@ import students  # noqa: E402  (scripts/students.py: recipes, training, teachers
 from quickstep.train.core import checkpoint as ckpt  # noqa: E402
 from quickstep.train.core.trigflow import t_max  # noqa: E402
 from quickstep.train.data import gmm_preset  # noqa: E402
-from quickstep.train.eval.metrics import sliced_wasserstein  # noqa: E402
 
 T_MIDS = (0.2, 0.4, 0.7, 1.0, 1.3)
 GAMMAS = (0.0, 0.5, 1.0)
@@ -37,13 +36,11 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(1)
     mix = gmm_preset(a.mixture)
-    g = torch.Generator().manual_seed(300)
-    ref, floor = mix.sample(a.n, g, dtype=torch.float64), mix.sample(a.n, g, dtype=torch.float64)
+    scored, floor = students.one_reference(mix, a.n)
 
     def score(x: torch.Tensor) -> list[float]:
-        x = x.double()
-        return [sliced_wasserstein(x, ref, generator=torch.Generator().manual_seed(1), p=1),
-                float(mix.log_prob(x).mean())]
+        q = scored(x)
+        return [q["sliced_w1"], q["log_likelihood"]]
 
     print("floor (W1, log-lik)", score(floor), flush=True)
     for seed in [int(s) for s in a.seeds.split(",")]:

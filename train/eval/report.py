@@ -139,7 +139,7 @@ def two_step_warning(sweep: dict[str, Any], metric: str) -> str | None:
     if sweep["two_step_gain"] >= 0:
         return None
     return (f"2 steps are worse than 1 at every swept t_mid: the best, t_mid {sweep['chosen']}, scores {metric} "
-            f"{sweep['scores'][sweep['grid'].index(sweep['chosen'])]:.5g} against 1 step's {sweep['one_step_score']:.5g} "
+            f"{min(sweep['scores']):.5g} against 1 step's {sweep['one_step_score']:.5g} "
             f"(noise seed {sweep['seed']}, n {sweep['n']}); serve this student with steps=1")
 
 
