@@ -287,6 +287,7 @@ class Trainer:
                  teacher: str | Path | None = None, dataset: Any = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self._refuse_overwrite(resume)
         self._setup_distributed()
         self._setup_device()
         self._setup_data(dataset)
@@ -299,6 +300,20 @@ class Trainer:
         self._setup_feed()  # after _resume: a streamed feed starts its DataLoader at the restored sampler position
 
     # -- construction, in the order __init__ runs it ----------------------------------------------
+    def _refuse_overwrite(self, resume: str | Path | None) -> None:
+        """A fresh run (or a resume of another run) into a directory that holds a run's checkpoints would overwrite
+        them one save at a time: refuse, and say how to continue that run instead."""
+        try:
+            held = find_checkpoint(self.out_dir)
+        except ckpt.CheckpointNotFoundError:
+            return
+        if resume is not None and self.out_dir.resolve() in (Path(resume).resolve(),
+                                                             find_checkpoint(resume).resolve().parent):
+            return
+        raise ckpt.CheckpointError(
+            f"--out {str(self.out_dir)!r} already holds a run (latest checkpoint {held.name}) that this run would "
+            f"overwrite; continue it with --resume {str(self.out_dir)!r} (--steps N extends it), or choose another --out")
+
     def _setup_distributed(self) -> None:
         """torchrun's process group (gloo on CPU, NCCL on GPU), rank and world size."""
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -102,6 +102,26 @@ def test_fit_resume_and_sample_in_process(tmp_path, capsys):
     assert '"parameters"' in capsys.readouterr().out
 
 
+def test_fit_refuses_to_overwrite_a_run(tmp_path, capsys):
+    """A fresh fit (or a resume of another run) into a directory holding a run's checkpoints exits 2 naming --resume,
+    and leaves that run's checkpoints as they were; resuming the run in place still works."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert main(["fit", "--preset", "gmm2d-plain", "--out", str(out), "--steps", "2", *FAST]) == 0
+    assert main(["fit", "--preset", "gmm2d-plain", "--out", str(other), "--steps", "2", *FAST]) == 0
+    weights = (out / "step-0000002" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    for argv in (["fit", "--preset", "gmm2d-plain", "--out", str(out), "--steps", "1", *FAST],
+                 ["fit", "--resume", str(other), "--out", str(out), "--steps", "3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "already holds a run (latest checkpoint step-0000002)" in err and f"--resume '{out}'" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-0000002"]
+    assert (out / "step-0000002" / "model.safetensors").read_bytes() == weights
+    assert main(["fit", "--resume", str(out / "step-0000002"), "--out", str(out), "--steps", "3"]) == 0
+    assert (out / "step-0000003").exists()
+
+
 def test_console_script_fit_and_sample_conditional_digits(tmp_path, capsys):
     import os
     from pathlib import Path
