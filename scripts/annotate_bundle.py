@@ -24,16 +24,23 @@ from pathlib import Path
 
 from quickstep.export.bundle import read_manifest, write_manifest
 
+RESUME_GAP_S = 600.0  # two log lines further apart than this are a stop and a --resume, not training time
+
 
 def run_summary(run_dir: Path, up_to_step: int | None) -> dict:
-    """Steps, wall time and images/s of a training run from its JSONL log."""
+    """Steps and training wall time of a run from its JSONL log (first to last logged step, less the time a resumed
+    run lay stopped)."""
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step" in r and "time" in r and (up_to_step is None or r["step"] <= up_to_step)]
     if not rows:
         raise SystemExit(f"{run_dir}/log.jsonl has no logged steps")
-    wall = rows[-1]["time"] - rows[0]["time"]
-    return {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(wall, 1),
-            "first_logged_step": rows[0]["step"]}
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
+    idle = [g for g in gaps if g > RESUME_GAP_S]  # a run resumed after an interruption: the time it lay stopped
+    out = {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(sum(gaps) - sum(idle), 1),
+           "first_logged_step": rows[0]["step"]}
+    if idle:
+        out["resumed"] = len(idle)
+    return out
 
 
 def hardware() -> dict:

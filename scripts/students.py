@@ -301,19 +301,21 @@ def t_mid_not_worse(sweep: dict[float, dict[str, float]], one: dict[str, float])
 
 
 def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, teacher_steps: int,
-            n: int, select: str = "w1") -> Path:
+            n: int, select: str = "w1", grid: tuple[float, ...] = T_MID_GRID) -> Path:
     """1- against 2-step at large n: every sample set is scored against ONE reference draw of the data (the 8000-sample
     tables draw a fresh reference per sampler, whose noise is of the size of the 1-vs-2-step differences), with the
     floor of a second true draw; the 2-step t_mid is chosen on another noise seed at n / 4.  Trains runs it lacks.
     Writes <mixture>/rescore-n<n>.json.  select="w1+ll" also chooses the t_mid of `t_mid_not_worse` (fifth session)
-    and writes <mixture>/rescore-n<n>-w1+ll.json."""
+    and writes <mixture>/rescore-n<n>-w1+ll.json.  A t_mid `grid` other than T_MID_GRID (sixth session: down to 0.05)
+    adds -grid<lowest> to the name."""
     from quickstep.train.core import checkpoint as ckpt
     from quickstep.train.core.sampling import heun_teacher_sample
     from quickstep.train.core.trigflow import t_max
     from quickstep.train.data import gmm_preset
 
     mixture = gmm_preset(mixture_name)
-    dest = OUT / mixture_name / (f"rescore-n{n}.json" if select == "w1" else f"rescore-n{n}-{select}.json")
+    stem = f"rescore-n{n}" + ("" if select == "w1" else f"-{select}") + ("" if grid == T_MID_GRID else f"-grid{min(grid):g}")
+    dest = OUT / mixture_name / f"{stem}.json"
     res = json.loads(dest.read_text()) if dest.exists() else {}
     score, floor = one_reference(mixture, n)
     res["floor"] = score(floor)
@@ -330,7 +332,7 @@ def rescore(mixture_name: str, names: list[str], seeds: list[int], steps: int, t
             out, _ = train_run(mixture_name, name, seed, steps, teacher_steps)
             model = ckpt.load_model(ckpt.find_checkpoint(out), which="ema").eval().requires_grad_(False)
             tm = t_max(sigma_data=model.sigma_data)
-            sweep = {t: score(consistency_samples(model, n // 4, 311, [tm, t])) for t in T_MID_GRID}
+            sweep = {t: score(consistency_samples(model, n // 4, 311, [tm, t])) for t in grid}
             best = min(sweep, key=lambda t: sweep[t]["sliced_w1"])
             row = {"one_step": score(consistency_samples(model, n, 310, [tm])),
                    "two_step": score(consistency_samples(model, n, 312, [tm, best])), "t_mid": best,
@@ -518,6 +520,8 @@ def main() -> int:
                    "against one reference draw (trains runs it lacks); writes <mixture>/rescore-n<N>.json")
     p.add_argument("--select", choices=("w1", "w1+ll"), default="w1", help="--rescore's 2-step t_mid: lowest W1, or "
                    "also the lowest W1 among those no worse than 1 step in W1 and log-lik (rescore-n<N>-w1+ll.json)")
+    p.add_argument("--t-mid-grid", default=",".join(map(str, T_MID_GRID)), help="--rescore's t_mid grid (comma-"
+                   "separated radians; another grid than the default adds -grid<lowest> to the JSON's name)")
     p.add_argument("--plots", action="store_true", help="write the map-error plots of --mixture (comma-separated)")
     p.add_argument("--analyse", nargs="*", metavar="RUN", help="weighting analysis of trained sCM runs (run names "
                    "under runs/students/<mixture>/, e.g. scd-s0); writes <mixture>/weighting-<run>.json")
@@ -541,7 +545,7 @@ def main() -> int:
         return 0
     if a.rescore:
         print(rescore(a.mixture, a.recipes.split(","), [int(s) for s in a.seeds.split(",")], a.steps, a.teacher_steps,
-                      a.rescore, a.select).relative_to(ROOT))
+                      a.rescore, a.select, tuple(float(t) for t in a.t_mid_grid.split(","))).relative_to(ROOT))
         return 0
     for seed in [int(s) for s in a.seeds.split(",")]:
         for name in a.recipes.split(","):
