@@ -155,3 +155,39 @@ def test_two_step_warning_names_both_scores_only_when_the_second_step_loses():
     msg = two_step_warning(sweep, "sliced W1")
     assert msg is not None and "t_mid 0.4" in msg and "0.03" in msg and "0.025" in msg and "steps=1" in msg
     assert two_step_warning({**sweep, "one_step_score": 0.04, "two_step_gain": 0.01}, "FD") is None
+    # with a guard: W1 gained but no t_mid is no worse in the guard too -> warned, naming both
+    guarded = {**sweep, "one_step_score": 0.04, "two_step_gain": 0.01, "guard": "minus the log-lik",
+               "guard_scores": [0.5, 0.6], "one_step_guard": 0.45, "no_worse": []}
+    msg = two_step_warning(guarded, "sliced W1")
+    assert msg is not None and "both sliced W1 and minus the log-lik" in msg and "0.6" in msg and "0.45" in msg
+    assert two_step_warning({**guarded, "no_worse": [0.2]}, "sliced W1") is None
+
+
+def test_t_mid_sweep_guard_picks_the_best_t_mid_no_worse_than_one_step_in_both():
+    """A synthetic student whose output is sin(t) * sigma_d whatever x: a 1-step sample is sin(t_max) * sigma_d and a
+    2-step one sin(t_mid) * sigma_d, so each run's t is known exactly and the choice can be worked out by hand."""
+    from quickstep.train.core.trigflow import t_max
+    from quickstep.train.eval.report import t_mid_sweep
+
+    class Fake(torch.nn.Module):
+        sigma_data, num_classes, sample_shape = 0.5, 0, (1,)
+
+        def forward(self, x, t, class_labels=None):  # [b, 1]
+            return x * 0 + torch.sin(t.reshape(-1, 1)) * self.sigma_data
+
+    def t_of(run) -> float:  # the time of the run's last step
+        return float(torch.asin(run.samples.double().mean() / 0.5))
+
+    grid, tm = (0.1, 0.4, 0.8, 1.2), t_max(sigma_data=0.5)
+    score = lambda run: abs(t_of(run) - 0.4)  # noqa: E731 - 2 steps: 0.3, 0, 0.4, 0.8; 1 step: t_max - 0.4 ~ 1.16
+    guard = lambda run: abs(t_of(run) - 1.0)  # noqa: E731 - 2 steps: 0.9, 0.6, 0.2, 0.2; 1 step: t_max - 1 ~ 0.56
+    sweep = t_mid_sweep(Fake(), score, n=8, seed=0, grid=grid, guard_fn=guard, guard_name="g")
+    assert sweep["one_step_score"] == pytest.approx(tm - 0.4, abs=1e-5)
+    assert sweep["guard_scores"] == pytest.approx([0.9, 0.6, 0.2, 0.2], abs=1e-5)
+    assert sweep["no_worse"] == [0.8, 1.2] and sweep["chosen"] == 0.8  # the best score among those no worse in both
+    assert sweep["two_step_gain"] == pytest.approx(tm - 0.4 - 0.4, abs=1e-5)
+    unguarded = t_mid_sweep(Fake(), score, n=8, seed=0, grid=grid)
+    assert unguarded["chosen"] == 0.4 and "guard" not in unguarded
+    # no t_mid passes the guard: the best score is chosen anyway, and no_worse says none passed
+    strict = t_mid_sweep(Fake(), score, n=8, seed=0, grid=grid, guard_fn=lambda run: -t_of(run), guard_name="g")
+    assert strict["no_worse"] == [] and strict["chosen"] == 0.4
