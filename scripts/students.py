@@ -445,6 +445,17 @@ def rescore_table(res: dict[str, Any], n: str) -> str:
                      f"{col('two_step_t_mid_1.1', 'sliced_w1')} | {col('one_step', 'log_likelihood')} | "
                      f"{col('two_step', 'log_likelihood')} | {col('two_step_t_mid_1.1', 'log_likelihood')} | "
                      f"{', '.join(str(r['t_mid']) for r in rs)} |")
+    guarded = {k: r for k, r in res.get("runs", {}).items() if "t_mid_not_worse" in r}
+    if guarded:  # --select w1+ll: per run, 2 steps at the t_mid chosen no worse than 1 step in both, on fresh noise
+        lines += ["", "| run | 1 step: W1 / log-lik | 2 steps, no-worse t_mid (chosen on other noise) | better than 1 "
+                  "step in both? |", "|---|---|---|---|"]
+        for key, r in guarded.items():
+            one, two = r["one_step"], r.get("two_step_not_worse")
+            both = two is not None and two["sliced_w1"] <= one["sliced_w1"] and \
+                two["log_likelihood"] >= one["log_likelihood"]
+            lines.append(f"| {key} | {one['sliced_w1']:.4f} / {one['log_likelihood']:.3f} | "
+                         + (f"{two['sliced_w1']:.4f} / {two['log_likelihood']:.3f} ({r['t_mid_not_worse']})"
+                            if two else "none on the grid") + f" | {'yes' if both else 'no'} |")
     return "\n".join(lines)
 
 
