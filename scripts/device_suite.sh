@@ -197,7 +197,7 @@ SERVE_FLAGS=()
 # shellcheck disable=SC2086  # SERVE_ARGS is a space-separated list of flags
 for a in ${SERVE_ARGS-$DEFAULT_SERVE_ARGS}; do SERVE_FLAGS+=("--server-arg=$a"); done
 stage serve "${CAPS[4]}" "$PY" tests/benchmarks/bench_serve.py --backend torch --device "$DEV" \
-  --bundle serve/bundled/digits-scd --batching on "${SERVE[@]}" ${SERVE_FLAGS[@]+"${SERVE_FLAGS[@]}"} \
+  --bundle serve/bundled/digits-direct-cm --batching on "${SERVE[@]}" ${SERVE_FLAGS[@]+"${SERVE_FLAGS[@]}"} \
   --json "$OUTDIR/serve.json"
 
 # ------------------------------------------------------------------------------------------------ report

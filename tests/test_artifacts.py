@@ -31,7 +31,7 @@ from quickstep.artifacts import (
     plan_tag,
 )
 
-BUNDLED = Path(__file__).resolve().parents[1] / "serve" / "bundled" / "digits-scd"
+BUNDLED = Path(__file__).resolve().parents[1] / "serve" / "bundled" / "digits-direct-cm"
 
 
 def test_the_contract_imports_nothing_heavy():

@@ -38,7 +38,7 @@ def test_class_names_reach_the_manifest_and_the_served_bundle(tmp_path):
 
 
 def test_class_names_must_be_one_string_per_class():
-    raw = json.loads((Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-scd" / "manifest.json")
+    raw = json.loads((Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-direct-cm" / "manifest.json")
                      .read_text())
     BundleManifest.from_json(raw)
     with pytest.raises(BundleError, match="class_names has 1 names for num_classes 10"):

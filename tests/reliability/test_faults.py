@@ -24,12 +24,12 @@ from tests.serve.conftest import serve
 
 MODEL = "tiny-consistency"
 HEAVY = {"n": 16, "steps": 2}  # a large request: with max_batch=1 on the busy model, tens of ms of backend each
-BUSY_BUNDLE = Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-scd"
+BUSY_BUNDLE = Path(__file__).resolve().parents[2] / "serve" / "bundled" / "digits-direct-cm"
 
 
 @pytest.fixture(scope="module")
 def busy_bundle() -> Path:
-    """The shipped digits-scd bundle (a real 0.7M-parameter UNet at 16x16). The queueing tests need a backend slow
+    """The shipped digits-direct-cm bundle (a real 0.7M-parameter UNet at 16x16). The queueing tests need a backend slow
     enough that requests pile up behind max_batch=1: the tiny 8x8 model answers faster than HTTP can deliver
     requests on a fast machine, so its queue may never build."""
     if not (BUSY_BUNDLE / "manifest.json").is_file():

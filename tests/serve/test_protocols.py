@@ -18,7 +18,7 @@ from .conftest import serve
 
 KEY = "proto-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-DIGITS = "digits-scd"  # the bundled model: class_names "0".."9", aliases "zero".."nine"
+DIGITS = "digits-direct-cm"  # the bundled model: class_names "0".."9", aliases "zero".."nine"
 UNCOND = "tiny-consistency"
 
 
@@ -106,7 +106,7 @@ def test_openai_sdk_errors_are_openai_shaped(server):
     assert "seven" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError) as e:
         openai_client(server).images.generate(model="dall-e-3", prompt="7")
-    assert "digits-scd" in e.value.body["message"]
+    assert "digits-direct-cm" in e.value.body["message"]
 
 
 def test_empty_prompt_draws_the_class_from_the_seed(server):
@@ -342,7 +342,7 @@ def test_triton_layout_models_match_the_exported_repository(server, tmp_path):
     names = model_config_message().DESCRIPTOR.file.pool.FindEnumTypeByName("inference.DataType").values_by_number
     c = triton_client(server)
     served = [n for n in repo if not n.endswith("_denoiser")]
-    assert served == ["digits-scd_1step", "digits-scd_2step"]
+    assert served == ["digits-direct-cm_1step", "digits-direct-cm_2step"]
     for name in served:
         cfg = parse_model_config((repo[name] / "config.pbtxt").read_text())
         meta = c.get_model_metadata(name, headers=dict(AUTH))
@@ -356,17 +356,17 @@ def test_triton_layout_models_match_the_exported_repository(server, tmp_path):
                            ("class_labels", np.array([[7]], np.int64), "INT64")):
         inputs.append(httpclient.InferInput(tname, list(arr.shape), dt))
         inputs[-1].set_data_from_numpy(arr, binary_data=True)
-    raw = c.infer("digits-scd_2step", inputs, headers=dict(AUTH)).as_numpy("images")
+    raw = c.infer("digits-direct-cm_2step", inputs, headers=dict(AUTH)).as_numpy("images")
     assert np.array_equal(raw, triton_infer(server, [31], [7], steps=2).as_numpy("images"))
     r = _v2(server, {"inputs": [{"name": "noise", "shape": [1, 1, 16, 16], "datatype": "FP32",
-                                 "data": noise.ravel().tolist()}]}, model="digits-scd_1step")
+                                 "data": noise.ravel().tolist()}]}, model="digits-direct-cm_1step")
     assert r.status_code == 400 and "class_labels" in r.json()["error"] and "required" in r.json()["error"]
     r = _v2(server, {"inputs": [{"name": "noise", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64},
                                 {"name": "class_labels", "shape": [1, 1], "datatype": "INT64", "data": [1]}]},
-            model="digits-scd_1step")
+            model="digits-direct-cm_1step")
     assert r.status_code == 400 and "[B, 1, 16, 16]" in r.json()["error"]
-    r = _v2(server, {"inputs": [_seed()]}, model="digits-scd_3step")
-    assert r.status_code == 404 and "digits-scd_2step" in r.json()["error"]
+    r = _v2(server, {"inputs": [_seed()]}, model="digits-direct-cm_3step")
+    assert r.status_code == 404 and "digits-direct-cm_2step" in r.json()["error"]
 
 
 def test_cors_preflight_admits_the_protocol_headers(bundle_dir):

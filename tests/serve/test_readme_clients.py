@@ -62,4 +62,4 @@ def test_readme_curl_snippet(server, tmp_path):
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 2, (r.stdout, r.stderr)
     assert lines[0].startswith('{"created":') and '"b64_json":"' in lines[0]
-    assert lines[1].startswith('{"model_name":"digits-scd"')
+    assert lines[1].startswith('{"model_name":"digits-direct-cm"')

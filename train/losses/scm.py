@@ -184,8 +184,8 @@ class SCMConfig:
     p_mean: float = -1.0
     p_std: float = 1.4
     tangent_c: float = 0.1
-    # "rms" (||g|| / sqrt(D), FastGen; the sCT/sCD presets but one) or "l2" (digits-scd, the bundled model: measured
-    # better on digits, docs/bundled-model.md)
+    # "rms" (||g|| / sqrt(D), FastGen; the sCT/sCD presets but one) or "l2" (digits-scd, the bundled model until
+    # issue 17's sixth session: measured better on digits, docs/students.md)
     tangent_norm: str = "rms"
     warmup_steps: int = 0  # H; 0 = warmup_frac * total_steps
     warmup_frac: float = 0.1  # H scaled to the run length (paper: 10k of 100k-400k iterations)
