@@ -738,7 +738,11 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc=cfg.name, dynamic_ncols=True)
-        result = TrainResult(self.out_dir, None, self.step)
+        try:  # a resumed run that has nothing left to train still reports its last checkpoint
+            prior = find_checkpoint(self.out_dir) if self.step > 0 else None
+        except ckpt.CheckpointError:
+            prior = None
+        result = TrainResult(self.out_dir, prior, self.step)
         log_f = open(self.out_dir / "log.jsonl", "a") if is_main else None  # noqa: SIM115
         t_last, step_last = time.perf_counter(), self.step
         deadline = t_last + cfg.max_seconds if cfg.max_seconds > 0 else math.inf

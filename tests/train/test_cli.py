@@ -120,6 +120,10 @@ def test_fit_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert (out / "step-0000002" / "model.safetensors").read_bytes() == weights
     assert main(["fit", "--resume", str(out / "step-0000002"), "--out", str(out), "--steps", "3"]) == 0
     assert (out / "step-0000003").exists()
+    capsys.readouterr()
+    # rerunning a finished run (as `make pipeline` does) trains nothing and names its last checkpoint
+    assert main(["fit", "--resume", str(out), "--out", str(out), "--steps", "3"]) == 0
+    assert "trained 3 steps; last checkpoint: " in (o := capsys.readouterr().out) and o.rstrip().endswith("step-0000003")
 
 
 def test_console_script_fit_and_sample_conditional_digits(tmp_path, capsys):
