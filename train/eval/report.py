@@ -154,14 +154,15 @@ def t_mid_sweep(model, score_fn, *, n: int, seed: int, grid: Sequence[float] = T
 def two_step_warning(sweep: dict[str, Any], metric: str) -> str | None:
     """The eval report's warning when no swept t_mid beats one step (issue 17: two steps must not be worse than one),
     in the score or, when the sweep had a guard, in either score."""
-    chosen = sweep["scores"][sweep["grid"].index(sweep["chosen"])]
+    i = sweep["grid"].index(sweep["chosen"])
+    chosen = sweep["scores"][i]
     where = f"noise seed {sweep['seed']}, n {sweep['n']}"
     if sweep["two_step_gain"] < 0:
         return (f"2 steps are worse than 1 at every swept t_mid: the best, t_mid {sweep['chosen']}, scores {metric} "
                 f"{chosen:.5g} against 1 step's {sweep['one_step_score']:.5g} ({where}); serve this student with "
                 f"steps=1")
     if "guard" in sweep and not sweep["no_worse"]:
-        g = sweep["guard_scores"][sweep["grid"].index(sweep["chosen"])]
+        g = sweep["guard_scores"][i]
         return (f"no swept t_mid makes 2 steps as good as 1 in both {metric} and {sweep['guard']}: the chosen t_mid "
                 f"{sweep['chosen']} gains {sweep['two_step_gain']:.5g} in {metric} but scores {sweep['guard']} "
                 f"{g:.5g} against 1 step's {sweep['one_step_guard']:.5g} ({where}); serve this student with steps=1 "
@@ -193,14 +194,14 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
                   markdown_table(report["map_error"], list(report["map_error"][0])), ""]
     if report.get("t_mid_sweep"):
         sw = report["t_mid_sweep"]
+        rows = [{"t_mid": t, "score": v} for t, v in zip(sw["grid"], sw["scores"], strict=True)]
+        for row, g in zip(rows, sw.get("guard_scores", []), strict=False):  # a guarded sweep: its second score too
+            row["guard"] = g
         lines += [f"2-step t_mid sweep (noise seed {sw['seed']}, n {sw['n']}): chosen {sw['chosen']}, 1-step score "
                   f"{fmt(sw['one_step_score'])}, gain of the second step {fmt(sw['two_step_gain'])}"
                   + (f"; chosen among the t_mid no worse than 1 step in {sw['guard']} too "
                      f"({fmt(sw['one_step_guard'])} at 1 step): {sw['no_worse'] or 'none'}" if "guard" in sw else ""), "",
-                  markdown_table([{"t_mid": t, "score": v, **({"guard": g} if g is not None else {})}
-                                  for t, v, g in zip(sw["grid"], sw["scores"],
-                                                     sw.get("guard_scores") or [None] * len(sw["grid"]), strict=True)],
-                                 ["t_mid", "score", *(["guard"] if "guard" in sw else [])]), ""]
+                  markdown_table(rows, list(rows[0])), ""]
     for w in report.get("warnings", []):
         lines += [f"**Warning:** {w}", ""]
     if report.get("times"):
