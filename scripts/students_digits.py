@@ -45,6 +45,8 @@ class Recipe:
     preset: str
     overrides: tuple[str, ...] = ()
     init_only: bool = False  # True: the teacher only initialises the weights (init_from=...), no --teacher
+    continues: str | None = None  # a run label: start from that run's EMA weights (init_from=<label>-s<seed>), with
+    # a fresh optimiser and EMA; its steps and wall time count towards this run's compute
 
 
 RECIPES: dict[str, Recipe] = {
@@ -55,6 +57,14 @@ RECIPES: dict[str, Recipe] = {
     "sct-tuned": Recipe("digits-sct-tuned", init_only=True),  # sCT from the teacher's weights (ECT-style tuning)
     "dcm": Recipe("digits-direct-cm"),  # Direct CM: regress onto the teacher's full Heun PF-ODE solution
     "cd": Recipe("digits-cd"),  # discrete-time consistency distillation (one teacher Heun step)
+    # seventh session: Direct CM's FD is flat from step 1600 to 2000 at a constant lr.  Does annealing the lr to 0
+    # over a continuation lower it, and is a continuation at the constant lr (the control: fresh optimiser and EMA
+    # from the same weights) any different?
+    "dcm-anneal": Recipe("digits-direct-cm", ("optim.decay=linear", "optim.final_lr_ratio=0.0"), continues="dcm@2000"),
+    "dcm-cont": Recipe("digits-direct-cm", continues="dcm@2000"),
+    # ... and does drawing the 1-step sampler's level (sigma_max) a quarter of the time, instead of 1/18, help?
+    "dcm-top-anneal": Recipe("digits-direct-cm", ("optim.decay=linear", "optim.final_lr_ratio=0.0",
+                                                  "objectives.direct_cm.top_level_prob=0.25"), continues="dcm@2000"),
 }
 
 
@@ -109,6 +119,14 @@ def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:
     return rows
 
 
+def _base(recipe: Recipe, seed: int) -> dict[str, Any] | None:
+    """The run a continuation starts from: its label, steps and training seconds (from its result JSON)."""
+    if recipe.continues is None:
+        return None
+    base = json.loads((OUT / f"{recipe.continues}-s{seed}.json").read_text())
+    return {"run": f"{recipe.continues}-s{seed}", "steps": base["steps"], "train_seconds": base["train_seconds"]}
+
+
 def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     label, recipe = run_label(name, steps), RECIPES[name]
     dest = OUT / f"{label}-s{seed}.json"
@@ -126,7 +144,8 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
             shutil.rmtree(run)
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
                 f"log.ckpt_every={CKPT_EVERY}", "log.keep_checkpoints=0",
-                *([f"init_from={teacher}"] if recipe.init_only else []), *recipe.overrides]
+                *([f"init_from={teacher}"] if recipe.init_only else []),
+                *([f"init_from={RUNS / f'{recipe.continues}-s{seed}'}"] if recipe.continues else []), *recipe.overrides]
         t0 = time.perf_counter()
         try:
             if done:  # the saved config and teacher are reused
@@ -143,7 +162,7 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     t = teacher_eval(teacher, n)
     curve = fd_curve(run, steps, n)
     res = {"recipe": name, "seed": seed, "steps": steps, "fd_curve": curve, "preset": recipe.preset,
-           "overrides": list(recipe.overrides),
+           "overrides": list(recipe.overrides), "continues": _base(recipe, seed),
            "teacher": teacher.name,
            "train_seconds": float((run / "wall_seconds.txt").read_text()),
            "teacher_fd_35nfe": t["quality"][0]["fd"], "quality": report["quality"],

@@ -20,6 +20,7 @@ from quickstep.train.losses.direct_cm import (
     CDLoss,
     DirectCMConfig,
     DirectCMLoss,
+    draw_levels,
     level_sigmas,
     ode_error,
     teacher_solve,
@@ -259,6 +260,24 @@ def test_normalisation_warmup_and_config_validation():
         DirectCMConfig(solver="rk4")
     with pytest.raises(ValueError, match="num_levels"):
         DirectCMConfig(num_levels=1)
+    with pytest.raises(ValueError, match=r"top_level_prob must be in \[0, 1\)"):
+        DirectCMConfig(top_level_prob=1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.5])
+def test_direct_cm_level_draws_put_top_level_prob_on_level_0_and_the_rest_uniform(p):
+    n = 18
+    u = torch.rand(400_000, generator=torch.Generator().manual_seed(0))
+    level = draw_levels(u, n, p)
+    assert level.dtype == torch.int64 and int(level.min()) == 0 and int(level.max()) == n - 1
+    freq = torch.bincount(level, minlength=n).double() / len(u)
+    expected = torch.full((n,), (1 - p) / n, dtype=torch.float64)
+    expected[0] += p
+    torch.testing.assert_close(freq, expected, atol=4e-3, rtol=0)  # 4e-3 is > 5 binomial sds at this n
+    if p == 0.0:  # the paper's uniform draw, unchanged: one uniform per sample
+        torch.testing.assert_close(level, (u * n).long())
+    edges = torch.tensor([0.0, 1.0 - 1e-7])
+    assert draw_levels(edges, n, p).tolist() == [0, n - 1]
 
 
 def test_prior_weight_and_adaptive_weighting():

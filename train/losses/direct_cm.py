@@ -73,6 +73,14 @@ def teacher_solve(
     return x
 
 
+def draw_levels(u: torch.Tensor, n_levels: int, top_level_prob: float = 0.0) -> torch.Tensor:
+    """Grid levels from uniform draws u in [0, 1): level 0 with probability p = top_level_prob, else uniform over
+    0..n_levels-1 (one draw per sample, so p = 0 is exactly floor(u * n_levels)).  [b] int64"""
+    p = top_level_prob
+    rest = ((u - p).clamp(min=0.0) / (1.0 - p) * n_levels).long().clamp(max=n_levels - 1)  # [b]
+    return torch.where(u < p, torch.zeros_like(rest), rest)
+
+
 def _per_sample_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
     """mean_d (a - b)^2, or the pseudo-Huber sqrt(mean_d (a - b)^2 + c^2) - c (iCT).  [B]"""
     if loss not in LOSSES:
@@ -94,6 +102,9 @@ class DirectCMConfig:
     loss: str = "l2"  # "l2" or "pseudo_huber"
     huber_c: float = 1e-3
     bf16: bool = True  # on CUDA: bf16 autocast for the student forward
+    # Probability of drawing level 0 (sigma_max, where the 1-step sampler starts); the other draws are uniform over
+    # all N levels.  0 = the Direct-CM paper's uniform levels.  Only level 0 trains the 1-step map directly.
+    top_level_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_levels < 2:
@@ -101,6 +112,8 @@ class DirectCMConfig:
         _solver(self.solver)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.top_level_prob < 1.0:
+            raise ValueError(f"top_level_prob must be in [0, 1), got {self.top_level_prob}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
 
@@ -126,7 +139,7 @@ class _GridDistillation:
             raise ValueError(f"objective {self.name!r} needs a teacher checkpoint (--teacher DIR)")
         sigmas = level_sigmas(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, device=batch.x.device)  # [N+1]
         n_levels = cfg.num_levels - self.max_level_offset
-        level = (ctx.rand() * n_levels).long().clamp(max=n_levels - 1)  # [b]
+        level = draw_levels(ctx.rand(), n_levels, cfg.top_level_prob)  # [b]
         eps = ctx.randn(batch.x.shape[1:])  # [b, ...]
         sigma = sigmas[level]  # [b]
         x_sigma = batch.x + bcast(sigma, batch.x) * eps  # [b, ...]
@@ -179,6 +192,7 @@ __all__ = [
     "CDLoss",
     "DirectCMConfig",
     "DirectCMLoss",
+    "draw_levels",
     "level_sigmas",
     "ode_error",
     "teacher_solve",
