@@ -23,20 +23,17 @@ import sys
 from pathlib import Path
 
 from quickstep.export.bundle import read_manifest, write_manifest
-
-RESUME_GAP_S = 600.0  # two log lines further apart than this are a stop and a --resume, not training time
+from quickstep.train.loop import RESUME_GAP_S, read_train_log, training_seconds
 
 
 def run_summary(run_dir: Path, up_to_step: int | None) -> dict:
     """Steps and training wall time of a run from its JSONL log (first to last logged step, less the time a resumed
     run lay stopped)."""
-    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r and "time" in r and (up_to_step is None or r["step"] <= up_to_step)]
+    rows = [r for r in read_train_log(run_dir) if up_to_step is None or r["step"] <= up_to_step]
     if not rows:
         raise SystemExit(f"{run_dir}/log.jsonl has no logged steps")
-    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
-    idle = [g for g in gaps if g > RESUME_GAP_S]  # a run resumed after an interruption: the time it lay stopped
-    out = {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(sum(gaps) - sum(idle), 1),
+    idle = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False) if b["time"] - a["time"] > RESUME_GAP_S]
+    out = {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(training_seconds(rows)[-1], 1),
            "first_logged_step": rows[0]["step"]}
     if idle:
         out["resumed"] = len(idle)

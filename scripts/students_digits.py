@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quickstep.train.loop import read_train_log, training_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "students" / "digits"
 RUNS = ROOT / "runs" / "students" / "digits"
@@ -92,16 +94,9 @@ def run_label(name: str, steps: int) -> str:
 
 
 def _wall_at_steps(run: Path) -> dict[int, float]:
-    """Training seconds at each logged step, from log.jsonl's wall-clock stamps (a gap of > 10 min between two log
-    lines is a resume after an interruption, and is not counted)."""
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    out, total, prev = {}, 0.0, None
-    for r in rows:
-        if prev is not None and 0 < r["time"] - prev < 600:
-            total += r["time"] - prev
-        prev = r["time"]
-        out[int(r["step"])] = total
-    return out
+    """Training seconds at each logged step (a resume's stopped time left out: `quickstep.train.loop.training_seconds`)."""
+    rows = read_train_log(run)
+    return {int(r["step"]): s for r, s in zip(rows, training_seconds(rows), strict=True)}
 
 
 def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:

@@ -141,6 +141,30 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return o.lr * warm * (o.final_lr_ratio + (1.0 - o.final_lr_ratio) * shape)
 
 
+RESUME_GAP_S = 600.0  # two log.jsonl lines further apart than this are a stop and a --resume, not training time
+
+
+def read_train_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run's log.jsonl rows that carry a step and a wall-clock time (what `Trainer.fit` writes every log.every)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a training run directory")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "step" in r and "time" in r]
+
+
+def training_seconds(rows: list[dict[str, Any]]) -> list[float]:
+    """Training seconds up to each log row: the sum of the gaps between consecutive rows, less any gap longer than
+    RESUME_GAP_S (the time a run lay stopped before a --resume).  The first row is 0; one value per row."""
+    out, total, prev = [], 0.0, None
+    for row in rows:
+        gap = 0.0 if prev is None else row["time"] - prev
+        total += gap if 0.0 <= gap <= RESUME_GAP_S else 0.0
+        out.append(total)
+        prev = row["time"]
+    return out
+
+
 EXACT_TEACHER_PREFIX = "gmm:"  # --teacher gmm:<preset>: the mixture's analytic PF-ODE as the teacher
 
 

@@ -16,7 +16,16 @@ import torch
 from quickstep.train.config import ConfigError, TrainConfig, build_config
 from quickstep.train.core import checkpoint as ckpt
 from quickstep.train.data import gmm_preset
-from quickstep.train.loop import NonFiniteLossError, Trainer, config_from_checkpoint, ema_beta, learning_rate
+from quickstep.train.loop import (
+    RESUME_GAP_S,
+    NonFiniteLossError,
+    Trainer,
+    config_from_checkpoint,
+    ema_beta,
+    learning_rate,
+    read_train_log,
+    training_seconds,
+)
 from quickstep.train.losses import register_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +164,17 @@ def test_inverse_sqrt_decay_is_edm2s():
                                                                "decay_ref_steps": 100})
     assert learning_rate(cfg, 50) == 1.0 and learning_rate(cfg, 100) == 1.0
     assert learning_rate(cfg, 400) == pytest.approx(0.5) and learning_rate(cfg, 10_000) == pytest.approx(0.1)
+
+
+def test_training_seconds_leave_out_the_time_a_resumed_run_lay_stopped(tmp_path):
+    times = [100.0, 110.0, 125.0, 125.0 + RESUME_GAP_S + 1.0, 125.0 + RESUME_GAP_S + 21.0]  # stopped after row 3
+    rows = [{"step": 50 * (i + 1), "time": t} for i, t in enumerate(times)]
+    assert training_seconds(rows) == [0.0, 10.0, 25.0, 25.0, 45.0]
+    assert training_seconds(rows[:1]) == [0.0] and training_seconds([]) == []
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows[:2], {"note": "no step"}]) + "\n\n")
+    assert read_train_log(tmp_path) == rows[:2]
+    with pytest.raises(FileNotFoundError, match="not a training run directory"):
+        read_train_log(tmp_path / "missing")
 
 
 def test_lr_decay_rejects_unknown_schedules_and_ratios_with_the_allowed_values():
