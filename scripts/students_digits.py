@@ -188,6 +188,8 @@ def summary() -> str:
     for name, rs in sorted(by.items()):
         fd = {k: [next(q["fd"] for q in r["quality"] if q["steps"] == k) for r in rs] for k in (1, 2)}
         ratio = {k: [v / r["teacher_fd_35nfe"] for v, r in zip(fd[k], rs, strict=True)] for k in (1, 2)}
+        base = rs[0].get("continues")
+        name = f"{name} (from {base['run'].rsplit('-s', 1)[0]})" if base else name
         lines.append(f"| {name} | {len(rs)} | {_ms([r['teacher_fd_35nfe'] for r in rs])} | {_ms(fd[1])} | "
                      f"{_ms(fd[2])} | {_ms(ratio[1])} | {_ms(ratio[2])} | "
                      f"{', '.join(format(r['times']['2'][1], '.2f') for r in rs)} | "
@@ -217,7 +219,9 @@ def plot() -> Path:
                 label = run_label(r["recipe"], r["steps"])
                 final = {"step": r["steps"], "train_seconds": r["train_seconds"],
                          f"fd_{k}": next(q["fd"] for q in r["quality"] if q["steps"] == k)}
-                pts = [(c[xkey], c[f"fd_{k}"] / r["teacher_fd_35nfe"]) for c in [*(r.get("fd_curve") or []), final]]
+                x0 = (r.get("continues") or {}).get(xkey, 0.0)  # a continuation is drawn after the run it continues
+                pts = [(x0 + c[xkey], c[f"fd_{k}"] / r["teacher_fd_35nfe"])
+                       for c in [*(r.get("fd_curve") or []), final]]
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.2 if len(pts) > 1 else 0, color=colour[label],
                         label=None if label in seen else label)
                 seen.add(label)
