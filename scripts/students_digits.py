@@ -172,6 +172,51 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     return dest
 
 
+def rescore(labels: list[str], seeds: list[int], teacher: Path, n: int, noise_seeds: list[int]) -> Path:
+    """FD at n samples on several noise seeds (`eval --seed S`) for the finished runs `<label>-s<seed>` (1 and 2 steps,
+    at their recorded times) and the teacher (Heun 18 steps): at n = 1000 the FD's bias pulls ratios towards 1 and one
+    noise seed moves all students together (sixth session).  Reports under runs/n<n>/, results merged into
+    docs/results/students/digits/rescore-n<n>.json (finished evals are read back, never recomputed)."""
+    dest = OUT.parent / f"digits-rescore-n{n}.json"
+    res = json.loads(dest.read_text()) if dest.exists() else {"n": n, "teacher": teacher.name, "fd": {}}
+    base = ROOT / "runs" / f"n{n}"
+
+    def one(ckpt: Path, key: str, steps: str, seed: int) -> None:
+        out = base / f"{key}-seed{seed}"
+        if not (out / "report.json").exists():
+            _cli("eval", "--ckpt", str(ckpt), "--n", str(n), "--seed", str(seed), "--steps", steps, "--out", str(out),
+                 "--no-progress")
+        rep = json.loads((out / "report.json").read_text())
+        res["fd"].setdefault(key, {})[str(seed)] = {str(q["steps"]): q["fd"] for q in rep["quality"]}
+
+    for seed in noise_seeds:
+        one(teacher, "teacher", "18", seed)
+        for label in labels:
+            for s in seeds:
+                run = RUNS / f"{label}-s{s}"
+                if (run / "wall_seconds.txt").exists():  # finished
+                    one(run, f"{label.replace('@', '-at-')}-s{s}", "1,2", seed)
+    dest.write_text(json.dumps(res, indent=1))
+    return dest
+
+
+def rescore_table(n: int) -> str:
+    """Per label: the 3-student mean FD ratio to the teacher on each noise seed, and the mean +- sd over noise seeds."""
+    res = json.loads((OUT.parent / f"digits-rescore-n{n}.json").read_text())
+    teacher = res["fd"]["teacher"]
+    labels = sorted({k.rsplit("-s", 1)[0] for k in res["fd"] if k != "teacher"})
+    lines = [f"| student (n = {n}) | runs | noise seeds | 1-step / teacher | 2-step / teacher |", "|---|---|---|---|---|"]
+    for label in labels:
+        keys = [k for k in res["fd"] if k.rsplit("-s", 1)[0] == label]
+        seeds = sorted(set.intersection(*(set(res["fd"][k]) for k in keys)) & set(teacher), key=int)
+        cols = []
+        for steps in ("1", "2"):
+            per_seed = [statistics.mean(res["fd"][k][sd][steps] for k in keys) / teacher[sd]["18"] for sd in seeds]
+            cols.append(f"{', '.join(f'{v:.2f}' for v in per_seed)} (**{_ms(per_seed)}**)")
+        lines.append(f"| {label.replace('-at-', '@')} | {len(keys)} | {', '.join(seeds)} | {cols[0]} | {cols[1]} |")
+    return "\n".join(lines)
+
+
 def _ms(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.2f}"
@@ -252,6 +297,10 @@ def main() -> int:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--summary", action="store_true")
     p.add_argument("--plots", action="store_true", help="write docs/results/students/digits-fd-vs-compute.png")
+    p.add_argument("--rescore", type=int, default=0, metavar="N",
+                   help="re-score the finished runs of --recipes (at --steps) and the teacher at N samples on each of "
+                        "--noise-seeds, then print the ratios")
+    p.add_argument("--noise-seeds", default="0,1,2,3")
     a = p.parse_args()
     if a.summary:
         print(summary())
@@ -262,7 +311,13 @@ def main() -> int:
     for name in a.recipes.split(","):
         if name not in RECIPES:
             raise SystemExit(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    for seed in [int(s) for s in a.seeds.split(",")]:
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if a.rescore:
+        labels = [run_label(name, a.steps) for name in a.recipes.split(",")]
+        rescore(labels, seeds, a.teacher.resolve(), a.rescore, [int(s) for s in a.noise_seeds.split(",")])
+        print(rescore_table(a.rescore))
+        return 0
+    for seed in seeds:
         for name in a.recipes.split(","):
             run_one(name, seed, a.teacher.resolve(), a.steps, a.n)
     return 0
