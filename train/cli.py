@@ -105,7 +105,7 @@ def fit(
             from .config import list_presets
 
             raise UsageError(f"--preset is required; valid presets: {', '.join(list_presets())}")
-        cfg = load_preset(preset, set_ or [], data_path=data)
+        cfg = _relative_paths(load_preset(preset, set_ or [], data_path=data))
     if steps is not None:
         if steps < 1:
             raise UsageError(f"--steps must be >= 1, got {steps}")
@@ -127,6 +127,22 @@ def fit(
         trainer.close()
     if trainer.rank == 0:
         print(f"trained {result.step} steps; last checkpoint: {result.checkpoint}")
+
+
+def _relative_paths(cfg):
+    """The run's config records init_from and data.path relative to the working directory, as it records its
+    teacher (artefacts never hold a path of the machine that made them); a relative path resolves as before."""
+    from quickstep.artifacts import relative_ref
+
+    from .config import build_config
+
+    def rel(path: str | None) -> str | None:
+        return relative_ref(path) or path if path is not None and Path(path).is_absolute() else path
+
+    d = cfg.to_dict()
+    d["init_from"] = rel(d.get("init_from"))
+    d["data"]["path"] = rel(d["data"].get("path"))
+    return build_config(d)
 
 
 def _resolved(cfg, data_std) -> dict[str, Any]:

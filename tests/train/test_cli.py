@@ -126,6 +126,24 @@ def test_fit_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert "trained 3 steps; last checkpoint: " in (o := capsys.readouterr().out) and o.rstrip().endswith("step-0000003")
 
 
+def test_fit_records_init_from_and_data_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Absolute --set init_from / --data paths are saved relative to the working directory (as the teacher is), so
+    that no checkpoint holds a path of the machine that made it; the run resumes from them."""
+    import json
+
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "pts.npz", x=np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32) * 0.5)
+    assert main(["fit", "--preset", "gmm2d-plain", "--out", "first", "--steps", "2", *FAST]) == 0
+    assert main(["fit", "--preset", "gmm2d-plain", "--data", str(tmp_path / "pts.npz"), "--out", str(tmp_path / "b"),
+                 "--steps", "2", "--set", f"init_from={tmp_path / 'first'}", *QUIET]) == 0
+    train = json.loads((tmp_path / "b" / "step-0000002" / "config.json").read_text())["train"]
+    assert train["init_from"] == "first" and train["data"]["path"] == "pts.npz"
+    assert str(tmp_path) not in (tmp_path / "b" / "step-0000002" / "config.json").read_text()
+    assert main(["fit", "--resume", "b", "--out", "b", "--steps", "3"]) == 0
+
+
 def test_console_script_fit_and_sample_conditional_digits(tmp_path, capsys):
     import os
     from pathlib import Path
