@@ -58,19 +58,22 @@ demo: install
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Rebuild the bundled default model from scratch: teacher -> Direct CM student -> t_mid sweep -> export -> report.
-# Rerunning it continues an interrupted teacher or student run (--resume) instead of refusing its --out.
+# Rebuild the bundled default model from scratch: teacher -> Direct CM student (constant lr) -> a cool-down from its
+# EMA with the lr annealed linearly to 0 -> t_mid sweep -> export -> report.  Rerunning it continues an interrupted
+# teacher, student or cool-down run (--resume) instead of refusing its --out.
 RUNS ?= runs
 TEACHER_STEPS ?= 4000
 STUDENT_STEPS ?= 2000
+COOLDOWN_STEPS ?= 600
 BUNDLE_NAME ?= digits-direct-cm
 BUNDLE ?= serve/bundled/$(BUNDLE_NAME)
 fit_or_resume = if ls $(2)/step-*/config.json >/dev/null 2>&1; then $(BIN)/quickstep-train fit --resume $(2) --out $(2) --steps $(3); else $(BIN)/quickstep-train fit $(1) --out $(2) --steps $(3); fi
 pipeline: install-dev
 	$(call fit_or_resume,--preset digits-stf,$(RUNS)/teacher,$(TEACHER_STEPS))
 	$(call fit_or_resume,--preset digits-direct-cm --teacher $(RUNS)/teacher,$(RUNS)/student,$(STUDENT_STEPS))
-	$(BIN)/quickstep-train eval --ckpt $(RUNS)/student --n 1000 --steps 1,2 --sweep-t-mid --record-times --out $(RUNS)/student-eval
-	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student --out $(BUNDLE) --steps 1,2 --name $(BUNDLE_NAME)
+	$(call fit_or_resume,--preset digits-direct-cm --teacher $(RUNS)/teacher --set init_from=$(RUNS)/student --set optim.decay=linear,$(RUNS)/student-cooldown,$(COOLDOWN_STEPS))
+	$(BIN)/quickstep-train eval --ckpt $(RUNS)/student-cooldown --n 1000 --steps 1,2 --sweep-t-mid --record-times --out $(RUNS)/student-eval
+	$(BIN)/quickstep-export onnx --ckpt $(RUNS)/student-cooldown --out $(BUNDLE) --steps 1,2 --name $(BUNDLE_NAME)
 	$(BIN)/quickstep-export report $(BUNDLE) --backend onnxruntime --backend torch --steps 1,2 --n 1000 --teacher $(RUNS)/teacher --out $(RUNS)/report
 	$(BIN)/quickstep-export verify $(BUNDLE)
 
