@@ -264,7 +264,8 @@ def plot() -> Path:
                 label = run_label(r["recipe"], r["steps"])
                 final = {"step": r["steps"], "train_seconds": r["train_seconds"],
                          f"fd_{k}": next(q["fd"] for q in r["quality"] if q["steps"] == k)}
-                x0 = (r.get("continues") or {}).get(xkey, 0.0)  # a continuation is drawn after the run it continues
+                base = r.get("continues") or {}  # a continuation is drawn after the run it continues
+                x0 = base.get("steps" if xkey == "step" else xkey, 0.0)
                 pts = [(x0 + c[xkey], c[f"fd_{k}"] / r["teacher_fd_35nfe"])
                        for c in [*(r.get("fd_curve") or []), final]]
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.2 if len(pts) > 1 else 0, color=colour[label],
