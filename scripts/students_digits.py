@@ -195,13 +195,13 @@ def rescore(labels: list[str], seeds: list[int], teacher: Path, n: int, noise_se
             for s in seeds:
                 run = RUNS / f"{label}-s{s}"
                 if (run / "wall_seconds.txt").exists():  # finished
-                    one(run, f"{label.replace('@', '-at-')}-s{s}", "1,2", seed)
+                    one(run, f"{label}-s{s}", "1,2", seed)
     dest.write_text(json.dumps(res, indent=1))
     return dest
 
 
 def rescore_table(n: int) -> str:
-    """Per label: the 3-student mean FD ratio to the teacher on each noise seed, and the mean +- sd over noise seeds."""
+    """Per label: its runs' mean FD over the teacher's on each noise seed, and the mean +- sd over noise seeds."""
     res = json.loads((OUT.parent / f"digits-rescore-n{n}.json").read_text())
     teacher = res["fd"]["teacher"]
     labels = sorted({k.rsplit("-s", 1)[0] for k in res["fd"] if k != "teacher"})
@@ -213,7 +213,7 @@ def rescore_table(n: int) -> str:
         for steps in ("1", "2"):
             per_seed = [statistics.mean(res["fd"][k][sd][steps] for k in keys) / teacher[sd]["18"] for sd in seeds]
             cols.append(f"{', '.join(f'{v:.2f}' for v in per_seed)} (**{_ms(per_seed)}**)")
-        lines.append(f"| {label.replace('-at-', '@')} | {len(keys)} | {', '.join(seeds)} | {cols[0]} | {cols[1]} |")
+        lines.append(f"| {label} | {len(keys)} | {', '.join(seeds)} | {cols[0]} | {cols[1]} |")
     return "\n".join(lines)
 
 

@@ -105,12 +105,12 @@ def fit(
             from .config import list_presets
 
             raise UsageError(f"--preset is required; valid presets: {', '.join(list_presets())}")
-        cfg = _relative_paths(load_preset(preset, set_ or [], data_path=data))
+        cfg = load_preset(preset, set_ or [], data_path=data)
     if steps is not None:
         if steps < 1:
             raise UsageError(f"--steps must be >= 1, got {steps}")
         cfg = cfg.model_copy(update={"steps": steps})
-    cfg = build_config(cfg.to_dict())
+    cfg = build_config(cfg.to_dict() if resume else _relative_paths(cfg.to_dict()))
     if dry_run:
         print(json.dumps(_resolved(cfg, data_std), indent=2, default=str))
         return
@@ -129,20 +129,15 @@ def fit(
         print(f"trained {result.step} steps; last checkpoint: {result.checkpoint}")
 
 
-def _relative_paths(cfg):
-    """The run's config records init_from and data.path relative to the working directory, as it records its
+def _relative_paths(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose init_from and data.path are relative to the working directory, as the run records its
     teacher (artefacts never hold a path of the machine that made them); a relative path resolves as before."""
     from quickstep.artifacts import relative_ref
-
-    from .config import build_config
 
     def rel(path: str | None) -> str | None:
         return relative_ref(path) or path if path is not None and Path(path).is_absolute() else path
 
-    d = cfg.to_dict()
-    d["init_from"] = rel(d.get("init_from"))
-    d["data"]["path"] = rel(d["data"].get("path"))
-    return build_config(d)
+    return {**d, "init_from": rel(d.get("init_from")), "data": {**d["data"], "path": rel(d["data"].get("path"))}}
 
 
 def _resolved(cfg, data_std) -> dict[str, Any]:
