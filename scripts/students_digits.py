@@ -67,6 +67,10 @@ RECIPES: dict[str, Recipe] = {
     # ... and does drawing the 1-step sampler's level (sigma_max) a quarter of the time, instead of 1/18, help?
     "dcm-top-anneal": Recipe("digits-direct-cm", ("optim.decay=linear", "optim.final_lr_ratio=0.0",
                                                   "objectives.direct_cm.top_level_prob=0.25"), continues="dcm@2000"),
+    # eighth session: is the cool-down limited by its length or by its batch?  `dcm-anneal --steps 1200` (twice the
+    # steps at batch 64) against the same anneal at batch 128 for 600 steps: the same teacher solves and samples.
+    "dcm-anneal-b128": Recipe("digits-direct-cm", ("batch_size=128", "optim.decay=linear", "optim.final_lr_ratio=0.0"),
+                              continues="dcm@2000"),
 }
 
 
@@ -89,8 +93,11 @@ def teacher_eval(teacher: Path, n: int) -> dict[str, Any]:
 
 
 def run_label(name: str, steps: int) -> str:
-    """A recipe's name in run directories and results: runs of another length than the default are another recipe."""
-    return name if steps == DEFAULT_STEPS else f"{name}@{steps}"
+    """A recipe's name in run directories and results: runs of another length than the default are another recipe,
+    and a continuation always names its length (it has no default one)."""
+    recipe = RECIPES.get(name)
+    named = steps != DEFAULT_STEPS or (recipe is not None and recipe.continues is not None)
+    return f"{name}@{steps}" if named else name
 
 
 def _wall_at_steps(run: Path) -> dict[int, float]:

@@ -42,6 +42,8 @@ def eval_command(
     record_times: bool = typer.Option(False, "--record-times", help="with --sweep-t-mid: write the chosen sampler "
                                       "times into the checkpoint's config.json (export and the server then use them)"),
     seed: int = typer.Option(0, "--seed"),
+    weights: str = typer.Option("ema", "--weights", help="ema (default: what export and serving use) or raw (the "
+                                "training weights, e.g. at the end of an lr anneal)"),
     device: str = typer.Option("cpu", "--device"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar"),
 ) -> None:
@@ -54,7 +56,8 @@ def eval_command(
         raise ValueError(f"--diag-n must be >= 8, got {diagnostics_n}")
     report = evaluate_checkpoint(ckpt, steps=parse_steps(steps), n=n, out=out, teacher=teacher, inception=inception,
                                  nll_n=nll_n, diagnostics_n=diagnostics_n, seed=seed, device=device,
-                                 progress=not no_progress, sweep_t_mid=sweep_t_mid, record_times=record_times)
+                                 progress=not no_progress, sweep_t_mid=sweep_t_mid, record_times=record_times,
+                                 weights=weights)
     for row in report["quality"]:
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
     for w in report.get("warnings", []):

@@ -175,7 +175,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> Path:
     """report.md: the sample-quality table (with NFE and s/img), the diagnostics and the figures."""
     lines = [f"# Evaluation of `{report['checkpoint']}`", "",
              f"- kind: **{report['kind']}**, data: `{report['data']}`, samples per setting: {report['n']}, "
-             f"seed {report['seed']}",
+             f"seed {report['seed']}, {report.get('weights', 'ema')} weights",
              f"- hardware: {report['hardware']}; total wall time {report['seconds']:.1f} s", ""]
     rows = report["quality"]
     if rows:
@@ -237,6 +237,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     sweep_t_mid: bool = False,
     record_times: bool = False,
+    weights: str = "ema",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory: its latest checkpoint) and write report.json, report.md and
     PNG figures into `out`.  `steps`: consistency steps for students (default 1, 2), Heun steps for teachers
@@ -244,15 +245,21 @@ def evaluate_checkpoint(
     defaults); `sweep_t_mid` first sweeps the 2-step intermediate time against the data (sliced W1 on mixtures,
     FD on images; noise seed `seed` + 7, reported numbers on `seed`) and samples 2 steps at the best one;
     `record_times` writes the chosen times into the checkpoint's config.json (export and serving then use them).
+    `weights`: the checkpoint's 'ema' weights (default; what export and serving use) or its 'raw' training weights.
     Returns the report dict."""
     from tqdm.auto import tqdm
 
     if n < 4:
         raise ValueError(f"n must be >= 4 samples, got {n}")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"--weights must be 'ema' or 'raw', got {weights!r}")
+    if record_times and weights != "ema":
+        raise ValueError("--record-times writes the times that export and serving use with the EMA weights: "
+                         "sweep --weights raw without it")
     start = time.perf_counter()
     path = _find(ckpt)
     meta = ckpt_io.load_meta(path)
-    model = ckpt_io.load_model(path).to(device)
+    model = ckpt_io.load_model(path, which=weights).to(device)
     kind, sampler = meta.kind, meta.sampler.name
     steps = tuple(steps) if steps else (DEFAULT_STUDENT_STEPS if kind == "consistency" else DEFAULT_TEACHER_STEPS)
     if any(int(s) < 1 for s in steps):
@@ -264,7 +271,7 @@ def evaluate_checkpoint(
     mixture = train_ds.mixture
     is_image = train_ds.spec.kind == "image"
     report: dict[str, Any] = {"checkpoint": str(path), "kind": kind, "data": train_ds.spec.name, "n": n, "seed": seed,
-                              "objectives": meta.objectives, "step": meta.step,
+                              "objectives": meta.objectives, "step": meta.step, "weights": weights,
                               "hardware": hardware(), "quality": [], "figures": []}
     tasks = len(steps) + (3 if mixture is not None and kind == "diffusion" else 1)
     bar = tqdm(total=tasks, desc="eval", disable=not progress)

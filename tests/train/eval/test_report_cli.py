@@ -55,3 +55,36 @@ def test_eval_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_eval_weights_raw_scores_the_training_weights(tmp_path, capsys):
+    """--weights raw on a checkpoint (raw A, EMA B) scores exactly what the default EMA does on one whose EMA is A."""
+    def mlp(seed):  # fresh nets have zero-initialised output layers, so perturb every weight
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_model(ModelConfig(backbone=MLPConfig(dim=2, hidden=16, depth=1, emb_channels=16)))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            return model
+
+    a, b = mlp(0), mlp(1)
+    extra = {"train": {"seed": 0, "data": {"name": "gmm", "options": {"preset": "ring8", "n": 500}}},
+             "objectives": ["sct"], "step": 0, "kind": "consistency"}
+    ab = save_checkpoint(tmp_path / "ab", a, ema=b, extra_config=extra)
+    ba = save_checkpoint(tmp_path / "ba", b, ema=a, extra_config=extra)
+
+    def w1(ck, *weights):
+        out = tmp_path / f"rep-{ck.name}-{'-'.join(weights) or 'ema'}"
+        assert main(["eval", "--ckpt", str(ck), "--steps", "1", "--n", "64", "--out", str(out), "--diag-n", "32",
+                     "--no-progress", *weights]) == 0
+        rep = json.loads((out / "report.json").read_text())
+        return rep["weights"], rep["quality"][0]["sliced_w1"]
+
+    assert w1(ab, "--weights", "raw") == ("raw", w1(ba)[1])
+    assert w1(ab)[1] == w1(ba, "--weights", "raw")[1] != w1(ba)[1]
+    assert main(["eval", "--ckpt", str(ab), "--weights", "last", "--out", str(tmp_path / "o")]) == 2
+    assert "--weights must be 'ema' or 'raw', got 'last'" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(ab), "--weights", "raw", "--sweep-t-mid", "--record-times",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--record-times" in capsys.readouterr().err
