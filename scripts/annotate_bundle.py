@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from quickstep.export.bundle import read_manifest, write_manifest
-from quickstep.train.loop import RESUME_GAP_S, read_train_log, training_seconds
+from quickstep.train.loop import read_train_log, resume_gaps, training_seconds
 
 
 def run_summary(run_dir: Path, up_to_step: int | None) -> dict:
@@ -32,7 +32,7 @@ def run_summary(run_dir: Path, up_to_step: int | None) -> dict:
     rows = [r for r in read_train_log(run_dir) if up_to_step is None or r["step"] <= up_to_step]
     if not rows:
         raise SystemExit(f"{run_dir}/log.jsonl has no logged steps")
-    idle = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False) if b["time"] - a["time"] > RESUME_GAP_S]
+    idle = resume_gaps(rows)
     out = {"steps": rows[-1]["step"], "kimg": rows[-1].get("kimg"), "wall_s": round(training_seconds(rows)[-1], 1),
            "first_logged_step": rows[0]["step"]}
     if idle:

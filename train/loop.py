@@ -153,6 +153,11 @@ def read_train_log(run_dir: str | Path) -> list[dict[str, Any]]:
     return [r for r in rows if "step" in r and "time" in r]
 
 
+def resume_gaps(rows: list[dict[str, Any]]) -> list[float]:
+    """The gaps between consecutive log rows longer than RESUME_GAP_S: one per stop and --resume, in seconds."""
+    return [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False) if b["time"] - a["time"] > RESUME_GAP_S]
+
+
 def training_seconds(rows: list[dict[str, Any]]) -> list[float]:
     """Training seconds up to each log row: the sum of the gaps between consecutive rows, less any gap longer than
     RESUME_GAP_S (the time a run lay stopped before a --resume).  The first row is 0; one value per row."""

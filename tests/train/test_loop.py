@@ -24,6 +24,7 @@ from quickstep.train.loop import (
     ema_beta,
     learning_rate,
     read_train_log,
+    resume_gaps,
     training_seconds,
 )
 from quickstep.train.losses import register_objective
@@ -171,6 +172,7 @@ def test_training_seconds_leave_out_the_time_a_resumed_run_lay_stopped(tmp_path)
     rows = [{"step": 50 * (i + 1), "time": t} for i, t in enumerate(times)]
     assert training_seconds(rows) == [0.0, 10.0, 25.0, 25.0, 45.0]
     assert training_seconds(rows[:1]) == [0.0] and training_seconds([]) == []
+    assert resume_gaps(rows) == [RESUME_GAP_S + 1.0] and resume_gaps(rows[:3]) == [] and resume_gaps([]) == []
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in [*rows[:2], {"note": "no step"}]) + "\n\n")
     assert read_train_log(tmp_path) == rows[:2]
     with pytest.raises(FileNotFoundError, match="not a training run directory"):
