@@ -121,21 +121,27 @@ def fd_curve(run: Path, steps: int, n: int) -> list[dict[str, float]]:
     return rows
 
 
+def run_name(label: str, seed: int) -> str:
+    """A run's directory under runs/students/digits and its result JSON's stem: `<label>-s<seed>`."""
+    return f"{label}-s{seed}"
+
+
 def _base(recipe: Recipe, seed: int) -> dict[str, Any] | None:
     """The run a continuation starts from: its label, steps and training seconds (from its result JSON)."""
     if recipe.continues is None:
         return None
-    base = json.loads((OUT / f"{recipe.continues}-s{seed}.json").read_text())
-    return {"run": f"{recipe.continues}-s{seed}", "steps": base["steps"], "train_seconds": base["train_seconds"]}
+    name = run_name(recipe.continues, seed)
+    base = json.loads((OUT / f"{name}.json").read_text())
+    return {"run": name, "steps": base["steps"], "train_seconds": base["train_seconds"]}
 
 
 def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
     label, recipe = run_label(name, steps), RECIPES[name]
-    dest = OUT / f"{label}-s{seed}.json"
+    dest = OUT / f"{run_name(label, seed)}.json"
     if dest.exists():
         print(f"skip {dest.relative_to(ROOT)} (done)", flush=True)
         return dest
-    run = RUNS / f"{label}-s{seed}"
+    run = RUNS / run_name(label, seed)
     final = run / f"step-{steps:07d}"
     if not (final / "config.json").exists() or not (run / "wall_seconds.txt").exists():
         # an interrupted run continues from its last checkpoint (every 200 steps); its wall time adds up
@@ -147,7 +153,7 @@ def run_one(name: str, seed: int, teacher: Path, steps: int, n: int) -> Path:
         sets = [f"seed={seed}", "log.samples=false", "log.tensorboard=false", "log.progress=false",
                 f"log.ckpt_every={CKPT_EVERY}", "log.keep_checkpoints=0",
                 *([f"init_from={teacher}"] if recipe.init_only else []),
-                *([f"init_from={RUNS / f'{recipe.continues}-s{seed}'}"] if recipe.continues else []), *recipe.overrides]
+                *([f"init_from={RUNS / run_name(recipe.continues, seed)}"] if recipe.continues else []), *recipe.overrides]
         t0 = time.perf_counter()
         try:
             if done:  # the saved config and teacher are reused
@@ -200,9 +206,9 @@ def rescore(labels: list[str], seeds: list[int], teacher: Path, n: int, noise_se
         one(teacher, "teacher", "18", seed)
         for label in labels:
             for s in seeds:
-                run = RUNS / f"{label}-s{s}"
+                run = RUNS / run_name(label, s)
                 if (run / "wall_seconds.txt").exists():  # finished
-                    one(run, f"{label}-s{s}", "1,2", seed)
+                    one(run, run.name, "1,2", seed)
     dest.write_text(json.dumps(res, indent=1))
     return dest
 
