@@ -103,7 +103,13 @@ class MicroBatcher:
 
     @property
     def depth(self) -> int:
+        """Requests waiting in the queue (a request whose batch is running is no longer counted)."""
         return len(self._queue)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted and not yet answered: queued, or in a batch that is running or waits for a worker."""
+        return self._outstanding
 
     def start(self) -> None:
         """Start the collector task on the running loop."""

@@ -97,10 +97,12 @@ def hold_worker(server: ServerThread) -> threading.Event:
     return gate
 
 
-def wait_queued(server: ServerThread, n: int, timeout: float = 30.0) -> None:
-    """Block until at least n requests wait in the server's queues (all models)."""
+def wait_queued(server: ServerThread, n: int, timeout: float = 30.0, *, counting: str = "depth") -> None:
+    """Block until at least n requests wait in the server's queues (all models).  counting="outstanding" also counts
+    those the collector already took into a batch that waits for the held worker (how many it takes first depends on
+    when the requests arrive, so "every request has reached the server" must count those too)."""
     models = server.app.state.service.models.values()
     deadline = time.monotonic() + timeout
-    while sum(rt.batcher.depth for rt in models if rt.batcher is not None) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} requests queued"
+    while sum(getattr(rt.batcher, counting) for rt in models if rt.batcher is not None) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests {'queued' if counting == 'depth' else counting}"
         time.sleep(0.005)

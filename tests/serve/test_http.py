@@ -98,7 +98,7 @@ def test_same_bytes_alone_and_batched(server):
         with ThreadPoolExecutor(16) as ex:
             futs = [ex.submit(post, server, b) for b in others[:8]] + [ex.submit(post, server, req)]
             futs += [ex.submit(post, server, b) for b in others[8:]]
-            wait_queued(server, 15)
+            wait_queued(server, 16, counting="outstanding")  # all 16 reached the server before any batch runs
             gate.set()
             results = [f.result() for f in futs]
     finally:
