@@ -267,7 +267,13 @@ def plot() -> Path:
 
     runs = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
     labels = sorted({run_label(r["recipe"], r["steps"]) for r in runs})
-    colour = {lab: f"C{i}" for i, lab in enumerate(labels)}
+    cmap = plt.get_cmap("tab20")
+    colour = {lab: cmap(i % 20) for i, lab in enumerate(labels)}
+
+    def batch_ratio(r: dict[str, Any]) -> float:  # steps are drawn in batch-64 steps (samples / 64)
+        sets = dict(o.split("=", 1) for o in r.get("overrides", []))
+        return int(sets.get("batch_size", 64)) / 64
+
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, k in enumerate((1, 2)):
         for row, xkey in enumerate(("step", "train_seconds")):
@@ -279,7 +285,8 @@ def plot() -> Path:
                          f"fd_{k}": next(q["fd"] for q in r["quality"] if q["steps"] == k)}
                 base = r.get("continues") or {}  # a continuation is drawn after the run it continues
                 x0 = base.get("steps" if xkey == "step" else xkey, 0.0)
-                pts = [(x0 + c[xkey], c[f"fd_{k}"] / r["teacher_fd_35nfe"])
+                scale = batch_ratio(r) if xkey == "step" else 1.0
+                pts = [(x0 + scale * c[xkey], c[f"fd_{k}"] / r["teacher_fd_35nfe"])
                        for c in [*(r.get("fd_curve") or []), final]]
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.2 if len(pts) > 1 else 0, color=colour[label],
                         label=None if label in seen else label)
@@ -287,7 +294,7 @@ def plot() -> Path:
             ratio = 1.25 if k == 1 else 1.05
             ax.axhline(1.0, color="k", ls="--", lw=1, label="teacher, Heun 35 NFE")
             ax.axhline(ratio, color="g", ls=":", lw=1, label=f"target: {ratio}x the teacher")
-            ax.set_xlabel("student training step (batch 64)" if xkey == "step"
+            ax.set_xlabel("student training samples / 64 (= steps at batch 64)" if xkey == "step"
                           else "training wall time (s, 1 thread, shared 2-core CPU)")
             ax.set_ylabel("FD / teacher's FD (train split, n = 1000)")
             ax.set_ylim(0.9, 2.5)  # early checkpoints (CD and sCT at step 200: 3-29x) are off the chart
