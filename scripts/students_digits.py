@@ -51,6 +51,8 @@ class Recipe:
     # a fresh optimiser and EMA; its steps and wall time count towards this run's compute
 
 
+ANNEAL = ("optim.decay=linear", "optim.final_lr_ratio=0.0")  # the cool-down: the lr falls linearly to 0
+
 RECIPES: dict[str, Recipe] = {
     # sCD with sCM's learned adaptive weighting (the paper's default) and without it (issue 17's fix on the mixtures)
     "scd-aw": Recipe("digits-scd", ("objectives.scd.adaptive_weighting=true",)),
@@ -62,15 +64,14 @@ RECIPES: dict[str, Recipe] = {
     # seventh session: Direct CM's FD is flat from step 1600 to 2000 at a constant lr.  Does annealing the lr to 0
     # over a continuation lower it, and is a continuation at the constant lr (the control: fresh optimiser and EMA
     # from the same weights) any different?
-    "dcm-anneal": Recipe("digits-direct-cm", ("optim.decay=linear", "optim.final_lr_ratio=0.0"), continues="dcm@2000"),
+    "dcm-anneal": Recipe("digits-direct-cm", ANNEAL, continues="dcm@2000"),
     "dcm-cont": Recipe("digits-direct-cm", continues="dcm@2000"),
     # ... and does drawing the 1-step sampler's level (sigma_max) a quarter of the time, instead of 1/18, help?
-    "dcm-top-anneal": Recipe("digits-direct-cm", ("optim.decay=linear", "optim.final_lr_ratio=0.0",
-                                                  "objectives.direct_cm.top_level_prob=0.25"), continues="dcm@2000"),
+    "dcm-top-anneal": Recipe("digits-direct-cm", (*ANNEAL, "objectives.direct_cm.top_level_prob=0.25"),
+                             continues="dcm@2000"),
     # eighth session: is the cool-down limited by its length or by its batch?  `dcm-anneal --steps 1200` (twice the
     # steps at batch 64) against the same anneal at batch 128 for 600 steps: the same teacher solves and samples.
-    "dcm-anneal-b128": Recipe("digits-direct-cm", ("batch_size=128", "optim.decay=linear", "optim.final_lr_ratio=0.0"),
-                              continues="dcm@2000"),
+    "dcm-anneal-b128": Recipe("digits-direct-cm", ("batch_size=128", *ANNEAL), continues="dcm@2000"),
 }
 
 

@@ -35,6 +35,7 @@ FORMAT_VERSION = CHECKPOINT_FORMAT_VERSION
 WEIGHTS = CHECKPOINT_WEIGHTS
 CONFIG = CHECKPOINT_CONFIG
 STATE = "state.pt"
+WEIGHT_SETS = ("ema", "raw")  # the two weight sets of a checkpoint (tensor-name prefixes in model.safetensors)
 
 
 class CheckpointError(ValueError):
@@ -253,7 +254,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(path: str | Path, *, which: str = "ema", map_location: str | torch.device = "cpu") -> TrigFlowModel:
     """Rebuild a TrigFlowModel from a checkpoint or bundle directory: config.json + model.safetensors.
     `which` = 'ema' (default) or 'raw'."""
-    if which not in ("ema", "raw"):
+    if which not in WEIGHT_SETS:
         raise ValueError(f"which must be 'ema' or 'raw', got {which!r}")
     meta = load_meta(path)
     try:

@@ -251,7 +251,7 @@ def evaluate_checkpoint(
 
     if n < 4:
         raise ValueError(f"n must be >= 4 samples, got {n}")
-    if weights not in ("ema", "raw"):
+    if weights not in ckpt_io.WEIGHT_SETS:
         raise ValueError(f"--weights must be 'ema' or 'raw', got {weights!r}")
     if record_times and weights != "ema":
         raise ValueError("--record-times writes the times that export and serving use with the EMA weights: "
